@@ -1,0 +1,166 @@
+"""The block device: an image file read and written in whole blocks.
+
+Every read, write and flush runs in a worker thread (``trio.to_thread``) so the
+trio loop never blocks on the disk; runs of adjacent blocks go down as one
+``preadv``/``pwrite`` so readahead and writeback can merge pages into large IOs.
+Each call is a fault site of class ``io`` (``blockdev_read``, ``blockdev_write``,
+``blockdev_flush``): a fired fault fails the call with EIO before it touches the
+image, exactly as a failing disk would from the filesystem's point of view.
+
+The synchronous twins (``read_sync`` ...) serve mkfs and fsck, which run
+outside trio.
+
+Durability model: a write is durable once a later ``flush`` (fsync of the image)
+has returned.  `pending_writes` counts the writes issued since the last flush,
+which is what a power cut would lose.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from dataclasses import dataclass
+from typing import final
+
+import trio
+
+from fusefs.errors import InUse, InvalidArgument, IOFailure
+from fusefs.faults import dynamic_fault
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDeviceStatistics:
+    block_size: int
+    blocks: int
+    reads: int
+    writes: int
+    flushes: int
+    bytes_read: int
+    bytes_written: int
+    pending_writes: int
+
+
+@final
+class BlockDevice:
+    """An image file of ``blocks`` blocks of ``block_size`` bytes."""
+
+    def __init__(self, path: str | os.PathLike[str], block_size: int, *, read_only: bool = False):
+        self.path = os.fspath(path)
+        self.block_size = block_size
+        self.read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+        try:
+            # One daemon (or fsck --repair) per image at a time.
+            kind = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
+            fcntl.flock(self._fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise InUse(f"{self.path}: image in use by another fusefs process") from None
+        self.blocks = os.fstat(self._fd).st_size // block_size
+        # Counters are touched from worker threads.
+        self._stat_lock = threading.Lock()
+        self._reads = 0
+        self._writes = 0
+        self._flushes = 0
+        self._bytes_read = 0
+        self._bytes_written = 0
+        self._pending = 0
+        # At most this many device calls in flight: the machine has few cores and
+        # more threads only queue in the kernel.
+        self._limiter = trio.CapacityLimiter(8)
+
+    def __repr__(self) -> str:
+        return f"<BlockDevice {self.path!r} blocks={self.blocks} bs={self.block_size}>"
+
+    def statistics(self) -> BlockDeviceStatistics:
+        return BlockDeviceStatistics(
+            block_size=self.block_size,
+            blocks=self.blocks,
+            reads=self._reads,
+            writes=self._writes,
+            flushes=self._flushes,
+            bytes_read=self._bytes_read,
+            bytes_written=self._bytes_written,
+            pending_writes=self._pending,
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # checks:
+
+    def _check_range(self, pblk: int, count: int) -> None:
+        if pblk < 0 or count < 0 or pblk + count > self.blocks:
+            raise InvalidArgument(
+                f"blockdev: blocks {pblk}+{count} outside the device ({self.blocks} blocks)"
+            )
+
+    # synchronous IO (worker threads, mkfs, fsck):
+
+    def read_sync(self, pblk: int, count: int) -> bytes:
+        self._check_range(pblk, count)
+        if dynamic_fault("blockdev_read", cls="io:read"):
+            raise IOFailure(f"blockdev: injected read error at block {pblk}")
+        want = count * self.block_size
+        try:
+            data = os.pread(self._fd, want, pblk * self.block_size)
+        except OSError as e:
+            raise IOFailure(f"blockdev: read of block {pblk}: {e.strerror}") from e
+        if len(data) != want:
+            raise IOFailure(f"blockdev: short read at block {pblk}")
+        with self._stat_lock:
+            self._reads += 1
+            self._bytes_read += want
+        return data
+
+    def write_sync(self, pblk: int, data: bytes | bytearray | memoryview) -> None:
+        if len(data) % self.block_size:
+            raise InvalidArgument("blockdev: write of a partial block")
+        self._check_range(pblk, len(data) // self.block_size)
+        if self.read_only:
+            raise IOFailure("blockdev: device opened read-only")
+        if dynamic_fault("blockdev_write", cls="io:write"):
+            raise IOFailure(f"blockdev: injected write error at block {pblk}")
+        try:
+            done = os.pwrite(self._fd, data, pblk * self.block_size)
+        except OSError as e:
+            raise IOFailure(f"blockdev: write of block {pblk}: {e.strerror}") from e
+        if done != len(data):
+            raise IOFailure(f"blockdev: short write at block {pblk}")
+        with self._stat_lock:
+            self._writes += 1
+            self._bytes_written += len(data)
+            self._pending += 1
+
+    def flush_sync(self) -> None:
+        if dynamic_fault("blockdev_flush", cls="io:flush"):
+            raise IOFailure("blockdev: injected flush error")
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise IOFailure(f"blockdev: flush: {e.strerror}") from e
+        with self._stat_lock:
+            self._flushes += 1
+            self._pending = 0
+
+    # asynchronous IO:
+
+    async def read(self, pblk: int, count: int) -> bytes:
+        """Read ``count`` blocks starting at ``pblk``."""
+        return await trio.to_thread.run_sync(self.read_sync, pblk, count, limiter=self._limiter)
+
+    async def write(self, pblk: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole blocks starting at ``pblk``."""
+        await trio.to_thread.run_sync(self.write_sync, pblk, data, limiter=self._limiter)
+
+    async def flush(self) -> None:
+        """Make every write issued so far durable."""
+        await trio.to_thread.run_sync(self.flush_sync, limiter=self._limiter)

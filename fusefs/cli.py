@@ -1,0 +1,472 @@
+"""``fusefs``: the command line (mkfs, mount, umount, fsck, fault, stats).
+
+Every command reports an error as one line, ``fusefs <command>: <message>``, on
+stderr and exits non-zero; a traceback is a bug (set ``FUSEFS_DEBUG=1`` to see
+one anyway).
+
+``mount`` starts the daemon (daemon.py) in the background and returns once the
+mount is ready, or fails with the daemon's reason; ``-f`` serves in the
+foreground instead.  ``umount`` runs ``fusermount3 -u``, waits for the daemon to
+commit and exit, and reads its verdict from the status file ``IMAGE.status``
+(described in daemon.py): exit 0 only after a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, NoReturn
+
+from fusefs.errors import FsError
+
+READY_TIMEOUT: Final = 120.0
+UMOUNT_TIMEOUT: Final = 60.0
+CONTROL_DIR: Final = ".fusefs"
+# Kernel-side options `-o` accepts besides the core's (MountOptions.parse).
+_FUSE_ONLY_OPTIONS: Final = frozenset({"allow_other"})
+
+
+class CliError(Exception):
+    """A one-line failure of a command, with its exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _fail(message: str, exit_code: int = 1) -> NoReturn:
+    raise CliError(message, exit_code)
+
+
+def _os_message(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, "")
+    text = f"{e.strerror} ({name})" if name else str(e.strerror or e)
+    return f"{e.filename}: {text}" if e.filename else text
+
+
+# /proc/self/mountinfo:
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \\ooo octal.
+    out = bytearray()
+    raw = field.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        octal = raw[i + 1 : i + 4]
+        if raw[i] == ord("\\") and len(octal) == 3 and octal.isdigit():
+            out.append(int(octal, 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def find_mount(path: str) -> MountEntry | None:
+    """The topmost mount whose mount point is exactly `path` (already resolved)."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rest = right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            mountpoint = _unescape(fields[4])
+            if mountpoint == path:
+                found = MountEntry(mountpoint, rest[0], _unescape(rest[1]))
+    return found
+
+
+def _fusefs_mount(mountpoint: str) -> tuple[str, str]:
+    """(resolved mount point, image) of a fusefs mount, or a one-line error."""
+    path = os.path.realpath(mountpoint)
+    entry = find_mount(path)
+    if entry is None:
+        _fail(f"{mountpoint}: not mounted")
+    if entry.fstype != "fuse.fusefs" or not entry.source.startswith("fusefs:"):
+        _fail(f"{mountpoint}: not a fusefs mount (it is {entry.fstype})")
+    return path, entry.source.removeprefix("fusefs:")
+
+
+def _control_path(mountpoint: str, name: str) -> str:
+    return os.path.join(mountpoint, CONTROL_DIR, name)
+
+
+def _read_control(mountpoint: str, name: str) -> str:
+    path = _control_path(mountpoint, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        _fail(f"{mountpoint}: not a fusefs mount (no {CONTROL_DIR}/{name})")
+    except OSError as e:
+        _fail(_os_message(e))
+
+
+# mkfs:
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    from fusefs.format import mkfs, parse_size
+
+    size = parse_size(args.size)
+    mkfs(args.image, size, block_size=args.block_size, force=args.force)
+    blocks = size // args.block_size
+    print(f"{args.image}: {blocks} blocks of {args.block_size} bytes")
+    return 0
+
+
+# mount:
+
+
+def _split_options(text: str) -> tuple[list[str], str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    fuse_only = [s for s in items if s in _FUSE_ONLY_OPTIONS]
+    core = ",".join(s for s in items if s not in _FUSE_ONLY_OPTIONS)
+    return fuse_only, core
+
+
+def _check_mount_args(args: argparse.Namespace) -> None:
+    if not os.path.exists(args.image):
+        _fail(f"{args.image}: no such image file")
+    if not os.path.isfile(args.image):
+        _fail(f"{args.image}: not a regular file")
+    if not os.path.exists(args.mountpoint):
+        _fail(f"mount point {args.mountpoint}: No such file or directory")
+    if not os.path.isdir(args.mountpoint):
+        _fail(f"{args.mountpoint}: mount point is not a directory")
+    if os.path.ismount(args.mountpoint):
+        _fail(f"{args.mountpoint}: already a mount point")
+    for entry in _mounts_of(args.image):
+        _fail(f"{args.image} is already mounted on {entry.mountpoint}")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from fusefs import daemon
+    from fusefs.filesystem import MountOptions
+
+    args.image = os.path.abspath(args.image)
+    args.mountpoint = os.path.abspath(args.mountpoint)
+    fuse_only, core = _split_options(args.options)
+    options = MountOptions.parse(core)  # a bad option fails here, before any fork
+    log_path = os.path.abspath(args.log) if args.log else daemon.default_log_path(args.image)
+    if args.ready_fd is None:  # a user's command, not the daemon we started
+        _check_mount_args(args)
+    if args.foreground:
+        extra = [*fuse_only, "ro"] if options.read_only else fuse_only
+        config = daemon.DaemonConfig(
+            image=args.image,
+            mountpoint=args.mountpoint,
+            options=options,
+            fuse_options=daemon.fuse_options(args.image, extra),
+            log_path=log_path,
+            faults=list(args.fault),
+            ready_fd=args.ready_fd,
+            debug=args.debug,
+        )
+        return daemon.run(config)
+    return _spawn_daemon(args, log_path)
+
+
+def _spawn_daemon(args: argparse.Namespace, log_path: str) -> int:
+    try:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        _fail(f"log file {_os_message(e)}")
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "fusefs", "mount", "--foreground"]
+    argv += ["--ready-fd", str(write_fd), "--log", log_path, "-o", args.options]
+    for spec in args.fault:
+        argv += ["--fault", spec]
+    if args.debug:
+        argv.append("--debug")
+    argv += ["--", args.image, args.mountpoint]
+    try:
+        os.set_inheritable(write_fd, True)
+        # posix_spawn, not subprocess: the daemon outlives us and must not be our
+        # child object (no wait, no ResourceWarning), and lives in its own session.
+        pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    try:
+        line = _read_line(read_fd, READY_TIMEOUT)
+    finally:
+        os.close(read_fd)
+    if line == "ok":
+        return 0
+    if line is None:
+        _fail(f"daemon (pid {pid}) not ready after {READY_TIMEOUT:.0f} s; see {log_path}")
+    if line.startswith("error: "):
+        _reap(pid)
+        _fail(line.removeprefix("error: "))
+    status = _reap(pid)
+    last = _last_log_line(log_path)
+    _fail(f"daemon (pid {pid}) died ({status}) before the mount was ready: {last}")
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """The first line written to `fd`; "" at EOF without one; None on timeout."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.partition(b"\n")[0].decode("utf-8", "replace")
+
+
+def _reap(pid: int) -> str:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "status unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _last_log_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError as e:
+        return f"(cannot read the log: {e.strerror})"
+    return lines[-1].strip() if lines else f"(nothing in {path})"
+
+
+# umount:
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # A zombie has exited; nobody may be reaping it (no init in a container).
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def _read_status(image: str) -> tuple[str, int, str] | None:
+    from fusefs.daemon import status_path
+
+    try:
+        with open(status_path(image), encoding="utf-8") as f:
+            line = f.readline().strip()
+    except OSError:
+        return None
+    head, _, message = line.partition(": ")
+    state, _, pid = head.partition(" ")
+    return (state, int(pid), message) if pid.isdigit() else None
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    path, image = _fusefs_mount(args.mountpoint)
+    try:
+        with open(_control_path(path, "pid"), encoding="ascii") as f:
+            pid = int(f.read())
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            _fail(_os_message(e))
+        # The daemon is gone: all that is left to do is to detach the dead mount.
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
+        _fail(f"{path}: the daemon had died; mount removed; run fusefs fsck {image}")
+    done = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        _fail(reason[0].removeprefix("fusermount3: "))
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            _fail(f"daemon (pid {pid}) still running {UMOUNT_TIMEOUT:.0f} s after the unmount")
+        time.sleep(0.02)
+    status = _read_status(image)
+    if status is None or status[1] != pid:
+        _fail(f"no shutdown status from daemon pid {pid} (in {image}.status)")
+    state, _, message = status
+    if state == "clean":
+        return 0
+    if state == "error":
+        _fail(f"shutdown with errors: {message}")
+    _fail(f"daemon pid {pid} exited without a final status (killed?); run fusefs fsck {image}")
+
+
+# fsck:
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from fusefs.fsck import fsck
+
+    image = os.path.abspath(args.image)
+    for entry in _mounts_of(image):
+        _fail(f"{args.image} is mounted on {entry.mountpoint}; unmount it first", 8)
+    result = fsck(image, repair=args.repair)
+    for message in result.messages:
+        print(message)
+    return result.exit_code
+
+
+def _mounts_of(image: str) -> list[MountEntry]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.partition(" - ")[2].split()
+            if len(fields) >= 2 and fields[0] == "fuse.fusefs":
+                source = _unescape(fields[1])
+                if source == f"fusefs:{image}":
+                    out.append(MountEntry(_unescape(line.split()[4]), fields[0], source))
+    return out
+
+
+# fault, stats:
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    if not args.command:
+        sys.stdout.write(_read_control(args.mountpoint, "dynamic_fault"))
+        return 0
+    text = " ".join(args.command)
+    path = _control_path(args.mountpoint, "dynamic_fault")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        _fail(f"{args.mountpoint}: not a fusefs mount (no {CONTROL_DIR}/dynamic_fault)")
+    except OSError as e:
+        _fail(_os_message(e))
+    try:
+        os.write(fd, text.encode())
+    except OSError as e:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        hint = "no fault site matches" if e.errno == errno.ENOENT else e.strerror
+        _fail(f"{text!r}: {name}: {hint} (the daemon log has the details)")
+    finally:
+        os.close(fd)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    sys.stdout.write(_read_control(args.mountpoint, "stats"))
+    return 0
+
+
+# the parser:
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusefs", description="A userspace filesystem with its own page cache."
+    )
+    sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("mkfs", cmd_mkfs, "make a new filesystem image")
+    p.add_argument("image")
+    p.add_argument("--size", required=True, help="image size: 4096, 64M, 1G, 2GiB")
+    p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing fusefs image")
+
+    p = command("mount", cmd_mount, "mount an image (returns once the mount is ready)")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a fault command applied before mounting (repeatable)",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        default="",
+        metavar="OPTIONS",
+        help="comma-separated: ro, rw, commit=SECONDS, allow_other",
+    )
+    p.add_argument("--log", metavar="PATH", help="daemon log (default IMAGE.log)")
+    p.add_argument("--debug", action="store_true", help="log at debug level")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = command("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")
+    p.add_argument("mountpoint")
+
+    p = command("fsck", cmd_fsck, "check an unmounted image (exit codes as e2fsck)")
+    p.add_argument("image")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+
+    p = command("fault", cmd_fault, "list fault sites, or run a fault command")
+    p.add_argument("mountpoint")
+    p.add_argument("command", nargs="*", help="e.g.: name blockdev_write oneshot")
+
+    p = command("stats", cmd_stats, "print the filesystem's statistics")
+    p.add_argument("mountpoint")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prefix = f"fusefs {args.command_name}"
+    try:
+        code: int = args.func(args)
+        return code
+    except CliError as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    except FsError as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return 8 if args.command_name == "fsck" else 1
+    except OSError as e:
+        print(f"{prefix}: {_os_message(e)}", file=sys.stderr)
+        return 8 if args.command_name == "fsck" else 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("FUSEFS_DEBUG"):
+            raise
+        print(f"{prefix}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 8 if args.command_name == "fsck" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

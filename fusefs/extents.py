@@ -1,0 +1,568 @@
+"""The extent map: one inode's logical block -> physical block map.
+
+Layout.  The map is a `GenRadix` indexed by logical block with one 8-byte
+record per block, a little-endian u64::
+
+    bits  0..7   offset of this block inside its run (0 .. MAX_EXTENT_BLOCKS-1)
+    bits  8..15  length of the run, minus one
+    bit   16     unwritten (preallocated: reads as zeros)
+    bit   17     mapped; a record of 0 is a hole
+    bits 18..63  physical block where the run starts (46 bits)
+
+A *run* is a stored extent: a logical range mapped to consecutive physical
+blocks with one unwritten flag, at most ``MAX_EXTENT_BLOCKS`` long (ext4 caps
+its extents the same way).  Every record knows its run, so `lookup` is O(1):
+one tree walk, one unpack, no scan however long the file's contiguous
+stretches are.  The records of one run form an arithmetic progression (only
+the offset field changes), so a run is written with one C-level
+``array('Q', range(...))`` and a slice assignment; the cap bounds what one
+split or merge rewrites to ``MAX_EXTENT_BLOCKS`` records.
+
+Run rule (what `lookup` and `extents` return).  Runs of one physically
+contiguous stretch are kept *merged*: two neighbouring runs that are
+physically contiguous with the same unwritten flag always have a combined
+length above ``MAX_EXTENT_BLOCKS``.  Every operation re-establishes this by
+merging at the run boundaries it touched (``_fixup``); a merge only makes a
+run longer, so it never breaks the rule elsewhere.  A stretch of L contiguous
+blocks is thus stored in fewer than ``2 * L / MAX_EXTENT_BLOCKS + 1`` runs;
+`map` fills a short run in front of the new range up to the cap before it
+chunks, so a file that grows by appending is stored in full-length runs.
+The stronger "cut every stretch into full runs from its start" would make one
+map in front of a long stretch rewrite the whole stretch.
+
+Holes are all-zero records.  The map never keeps a leaf that is all zeros, so
+finding the next or previous mapping skips unallocated subtrees in the tree
+and then scans at most one leaf with ``bytes.lstrip``/``rstrip`` (C speed).
+
+Shifts (collapse / insert range) move records, never rewrite them: offsets in
+the records are relative to the run, so a moved run stays valid.  When the
+shift is a whole number of leaves the leaves themselves are re-hung at new
+page numbers (no copy); otherwise each stretch of consecutive leaves is joined
+once and cut into pages again at the new alignment.  Either way the cost is
+linear in the mapped leaves after the offset with a small constant, and
+unallocated subtrees are skipped.
+
+Costs, measured by ``benchmarks/bench_extents.py``: about 8 bytes per mapped
+block in a dense file (a dict {lblk: pblk} costs ~100); an isolated mapped
+block costs a whole 4 KiB leaf plus its interior nodes -- the genradix
+trade-off, acceptable for file maps that are dense in patches.
+
+Protected by: the owning inode's lock (an `ExtentMap` does no locking).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
+from typing import Final, NamedTuple, final
+
+from fusefs.errors import ExtentError
+from fusefs.genradix import GenRadix
+
+__all__ = [
+    "MAX_EXTENT_BLOCKS",
+    "MAX_FILE_BLOCKS",
+    "MAX_PHYS_BLOCKS",
+    "Extent",
+    "ExtentMap",
+]
+
+#: Largest logical block count of a file: blocks are numbered [0, MAX_FILE_BLOCKS).
+MAX_FILE_BLOCKS: Final = 2**40
+
+_RUN_BITS: Final = 8
+#: Longest run (stored extent); splitting or merging one rewrites at most this many records.
+MAX_EXTENT_BLOCKS: Final = 1 << _RUN_BITS
+
+_OFF_MASK: Final = MAX_EXTENT_BLOCKS - 1
+_LEN_SHIFT: Final = _RUN_BITS
+_UNWRITTEN: Final = 1 << (2 * _RUN_BITS)
+_MAPPED: Final = 1 << (2 * _RUN_BITS + 1)
+_PBLK_SHIFT: Final = 2 * _RUN_BITS + 2
+
+#: Physical block numbers must be below this (the width of the record's pblk field).
+MAX_PHYS_BLOCKS: Final = 1 << (64 - _PBLK_SHIFT)
+
+_RECORD: Final = struct.Struct("<Q")
+_unpack_rec: Final = _RECORD.unpack_from
+_BIG_ENDIAN: Final = sys.byteorder == "big"
+
+
+class Extent(NamedTuple):
+    """A logical range and where it lives; ``pblk`` is None for a hole."""
+
+    start: int
+    pblk: int | None
+    length: int
+    unwritten: bool = False
+
+    @property
+    def end(self) -> int:
+        """First logical block past the extent."""
+        return self.start + self.length
+
+    @property
+    def is_hole(self) -> bool:
+        return self.pblk is None
+
+
+# tuple.__new__ skips the Python-level NamedTuple constructor: lookup is hot.
+_new_extent: Final = tuple.__new__
+
+
+@final
+class ExtentMap:
+    """One inode's map from logical blocks to physical blocks."""
+
+    __slots__ = (
+        "_fanout_mask",
+        "_leaf",
+        "_mapped",
+        "_mask",
+        "_page_size",
+        "_radix",
+        "_rpp",
+        "_shift",
+        "_zero",
+    )
+
+    def __init__(self, *, page_size: int = 4096) -> None:
+        self._radix: Final = GenRadix(_RECORD, page_size)
+        self._leaf: Final = self._radix.leaf
+        self._page_size: Final = page_size
+        self._rpp: Final = self._radix.records_per_page
+        self._shift: Final = self._rpp.bit_length() - 1
+        self._mask: Final = self._rpp - 1
+        self._fanout_mask: Final = page_size // 8 - 1
+        self._zero: Final = bytes(page_size)
+        self._mapped = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<ExtentMap mapped_blocks={self._mapped} memory={self.memory_bytes()} "
+            f"depth={self._radix.depth}>"
+        )
+
+    # ------------------------------------------------------------- queries
+
+    def lookup(self, lblk: int) -> Extent:
+        """The whole run containing `lblk`, or the whole hole around it.
+
+        A hole's extent runs from the end of the previous mapping (or 0) to
+        the next mapping (or MAX_FILE_BLOCKS).
+        """
+        # GenRadix.leaf() inlined: lookup is the hot path, and on CPython the
+        # method call costs as much as the walk itself.
+        radix = self._radix
+        node = radix._root
+        if node is not None and 0 <= lblk < MAX_FILE_BLOCKS:
+            pno = lblk >> self._shift
+            if pno < radix._cap_pages:
+                fmask = self._fanout_mask
+                for shift in radix._shifts:
+                    node = node[(pno >> shift) & fmask]
+                    if node is None:
+                        break
+                else:
+                    v = _unpack_rec(node, (lblk & self._mask) << 3)[0]
+                    if v:
+                        return _new_extent(
+                            Extent,
+                            (
+                                lblk - (v & _OFF_MASK),
+                                v >> _PBLK_SHIFT,
+                                ((v >> _LEN_SHIFT) & _OFF_MASK) + 1,
+                                v & _UNWRITTEN != 0,
+                            ),
+                        )
+        if not 0 <= lblk < MAX_FILE_BLOCKS:
+            raise ExtentError(f"lookup: block {lblk} outside [0, {MAX_FILE_BLOCKS})")
+        start = self._prev_mapped(lblk) + 1
+        end = self._next_mapped(lblk, MAX_FILE_BLOCKS)
+        return Extent(start, None, end - start, False)
+
+    def pblk_of(self, lblk: int) -> int | None:
+        """The physical block behind `lblk`, or None in a hole."""
+        radix = self._radix
+        node = radix._root
+        if node is not None and 0 <= lblk < MAX_FILE_BLOCKS:
+            pno = lblk >> self._shift
+            if pno < radix._cap_pages:
+                fmask = self._fanout_mask
+                for shift in radix._shifts:
+                    node = node[(pno >> shift) & fmask]
+                    if node is None:
+                        return None
+                v: int = _unpack_rec(node, (lblk & self._mask) << 3)[0]
+                return (v >> _PBLK_SHIFT) + (v & _OFF_MASK) if v else None
+            return None
+        if not 0 <= lblk < MAX_FILE_BLOCKS:
+            raise ExtentError(f"pblk_of: block {lblk} outside [0, {MAX_FILE_BLOCKS})")
+        return None
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
+        """Yield the mapped runs intersecting [start, end), clipped to it, ascending.
+
+        The map must not change while the iterator is live.
+        """
+        if end is None:
+            end = MAX_FILE_BLOCKS
+        if not 0 <= start <= end <= MAX_FILE_BLOCKS:
+            raise ExtentError(f"extents: bad range [{start}, {end})")
+        for s, p, n, uw in self._runs(start, end):
+            a = max(s, start)
+            b = min(s + n, end)
+            yield Extent(a, p + a - s, b - a, uw)
+
+    def mapped_blocks(self) -> int:
+        return self._mapped
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the map's radix tree (a page per leaf and per node)."""
+        return self._radix.memory_bytes()
+
+    # ------------------------------------------------------------ mutation
+
+    def map(self, lblk: int, pblk: int, n: int, unwritten: bool = False) -> None:
+        """Map [lblk, lblk + n) to [pblk, pblk + n); the range must be a hole."""
+        _check_range("map", lblk, n)
+        if not 0 <= pblk <= MAX_PHYS_BLOCKS - n:
+            raise ExtentError(f"map: physical range [{pblk}, {pblk + n}) out of range")
+        end = lblk + n
+        hit = self._next_mapped(lblk, end)
+        if hit < end:
+            raise ExtentError(f"map: [{lblk}, {end}) overlaps the mapping of block {hit}")
+        start, first_pblk = lblk, pblk
+        if lblk:
+            # Top up a short run that this range continues, so appends
+            # produce full runs.
+            v = self._rec(lblk - 1)
+            length = ((v >> _LEN_SHIFT) & _OFF_MASK) + 1
+            run_pblk = v >> _PBLK_SHIFT
+            if (
+                v
+                and length < MAX_EXTENT_BLOCKS
+                and run_pblk + length == pblk
+                and bool(v & _UNWRITTEN) == unwritten
+            ):
+                start, first_pblk = lblk - length, run_pblk
+        for s in range(start, end, MAX_EXTENT_BLOCKS):
+            self._write_run(s, first_pblk + s - start, min(MAX_EXTENT_BLOCKS, end - s), unwritten)
+        self._mapped += n
+        self._fixup(end)
+
+    def unmap(self, lblk: int, n: int) -> list[tuple[int, int]]:
+        """Unmap [lblk, lblk + n) (holes inside are fine).
+
+        Returns the freed physical runs as ``(pblk, count)`` in logical order,
+        neighbours merged where they are physically contiguous.
+        """
+        _check_range("unmap", lblk, n)
+        end = lblk + n
+        runs = list(self._runs(lblk, end))
+        if not runs:
+            return []
+        freed: list[tuple[int, int]] = []
+        for s, p, k, _ in runs:
+            a = max(s, lblk)
+            count = min(s + k, end) - a
+            fp = p + a - s
+            if freed and freed[-1][0] + freed[-1][1] == fp:
+                freed[-1] = (freed[-1][0], freed[-1][1] + count)
+            else:
+                freed.append((fp, count))
+            self._mapped -= count
+        fix = []
+        s, p, k, uw = runs[0]
+        if s < lblk:
+            self._write_run(s, p, lblk - s, uw)
+            fix.append(s)
+        s, p, k, uw = runs[-1]
+        if s + k > end:
+            self._write_run(end, p + end - s, s + k - end, uw)
+            fix.append(s + k)
+        self._zero_range(max(lblk, runs[0][0]), min(end, s + k))
+        for b in fix:
+            self._fixup(b)
+        return freed
+
+    def mark_written(self, lblk: int, n: int) -> None:
+        """Clear the unwritten flag of every mapped block in [lblk, lblk + n)."""
+        _check_range("mark_written", lblk, n)
+        end = lblk + n
+        fix: list[int] = []
+        for s, p, k, uw in list(self._runs(lblk, end)):
+            if not uw:
+                continue
+            a = max(s, lblk)
+            b = min(s + k, end)
+            if s < a:
+                self._write_run(s, p, a - s, True)
+            self._write_run(a, p + a - s, b - a, False)
+            if b < s + k:
+                self._write_run(b, p + b - s, s + k - b, True)
+            fix += (s, a, b, s + k)
+        for x in sorted(set(fix)):
+            self._fixup(x)
+
+    def shift_left(self, lblk: int, n: int) -> None:
+        """Collapse [lblk, lblk + n): mappings at or after lblk + n move down by n.
+
+        The range must already be unmapped.
+        """
+        _check_range("shift_left", lblk, n)
+        end = lblk + n
+        hit = self._next_mapped(lblk, end)
+        if hit < end:
+            raise ExtentError(f"shift_left: block {hit} in [{lblk}, {end}) is still mapped")
+        self._move_tail(end, lblk)
+        self._fixup(lblk)
+
+    def shift_right(self, lblk: int, n: int) -> None:
+        """Insert n blocks of hole at lblk: mappings at or after lblk move up by n.
+
+        A run crossing lblk is split.  Moving a mapping to or past
+        MAX_FILE_BLOCKS raises ExtentError and changes nothing.
+        """
+        _check_range("shift_right", lblk, n)
+        last = self._prev_mapped(MAX_FILE_BLOCKS)
+        if last < lblk:
+            return
+        if last + n >= MAX_FILE_BLOCKS:
+            raise ExtentError(
+                f"shift_right: block {last} would move past the maximum file size "
+                f"of {MAX_FILE_BLOCKS} blocks"
+            )
+        fix: list[int] = []
+        v = self._rec(lblk)
+        if v & _OFF_MASK:
+            off = v & _OFF_MASK
+            s = lblk - off
+            k = ((v >> _LEN_SHIFT) & _OFF_MASK) + 1
+            p = v >> _PBLK_SHIFT
+            uw = bool(v & _UNWRITTEN)
+            self._write_run(s, p, off, uw)
+            self._write_run(lblk, p + off, k - off, uw)
+            fix = [s, s + k + n]
+        self._move_tail(lblk, lblk + n)
+        for b in fix:
+            self._fixup(b)
+
+    def clear(self) -> None:
+        """Forget every mapping (the caller frees the blocks)."""
+        self._radix.free()
+        self._mapped = 0
+
+    # --------------------------------------------------------- persistence
+
+    def to_runs(self) -> list[tuple[int, int, int, bool]]:
+        """Every mapping as ``(lblk, pblk, n, unwritten)``, ascending.
+
+        Physically contiguous neighbours with one flag are merged regardless
+        of MAX_EXTENT_BLOCKS, so the list is as short as it can be.
+        """
+        out: list[tuple[int, int, int, bool]] = []
+        for s, p, k, uw in self._runs(0, MAX_FILE_BLOCKS):
+            if out:
+                ls, lp, lk, luw = out[-1]
+                if ls + lk == s and lp + lk == p and luw == uw:
+                    out[-1] = (ls, lp, lk + k, uw)
+                    continue
+            out.append((s, p, k, uw))
+        return out
+
+    @classmethod
+    def from_runs(
+        cls, runs: Iterable[tuple[int, int, int, bool]], *, page_size: int = 4096
+    ) -> ExtentMap:
+        """Rebuild a map from `to_runs` output (any runs that do not overlap)."""
+        em = cls(page_size=page_size)
+        for lblk, pblk, n, unwritten in runs:
+            em.map(lblk, pblk, n, unwritten)
+        return em
+
+    # ------------------------------------------------------------ internals
+
+    def _rec(self, idx: int) -> int:
+        page = self._leaf(idx >> self._shift)
+        if page is None:
+            return 0
+        v: int = _unpack_rec(page, (idx & self._mask) << 3)[0]
+        return v
+
+    def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, bool]]:
+        """Yield every stored run intersecting [start, end), unclipped:
+        ``(lblk, pblk, n, unwritten)``."""
+        if start >= end:
+            return
+        i = start
+        v = self._rec(i)
+        if v:
+            i -= v & _OFF_MASK
+        while i < end:
+            if not v:
+                i = self._next_mapped(i, end)
+                if i >= end:
+                    return
+                v = self._rec(i)
+            n = ((v >> _LEN_SHIFT) & _OFF_MASK) + 1
+            yield i, v >> _PBLK_SHIFT, n, bool(v & _UNWRITTEN)
+            i += n
+            v = self._rec(i) if i < end else 0
+
+    def _next_mapped(self, idx: int, limit: int) -> int:
+        """The first mapped block in [idx, limit), or `limit`."""
+        shift = self._shift
+        for pno, page in self._radix.iter_leaves(idx >> shift):
+            base = pno << shift
+            if base >= limit:
+                break
+            off = (idx - base) << 3 if idx > base else 0
+            rest = page[off:].lstrip(b"\0") if off else page.lstrip(b"\0")
+            if rest:
+                return min(base + ((self._page_size - len(rest)) >> 3), limit)
+        return limit
+
+    def _prev_mapped(self, idx: int) -> int:
+        """The last mapped block before `idx`, or -1."""
+        if idx <= 0:
+            return -1
+        last = idx - 1
+        shift = self._shift
+        for pno, page in self._radix.iter_leaves_reverse(last >> shift):
+            base = pno << shift
+            stop = (last - base + 1) << 3
+            head = page[:stop].rstrip(b"\0") if stop < self._page_size else page.rstrip(b"\0")
+            if head:
+                return base + ((len(head) - 1) >> 3)
+        return -1
+
+    def _write_run(self, start: int, pblk: int, n: int, unwritten: bool) -> None:
+        """Store one run; 1 <= n <= MAX_EXTENT_BLOCKS."""
+        base = (pblk << _PBLK_SHIFT) | _MAPPED | ((n - 1) << _LEN_SHIFT)
+        if unwritten:
+            base |= _UNWRITTEN
+        records = array("Q", range(base, base + n))
+        if _BIG_ENDIAN:  # pragma: no cover
+            records.byteswap()
+        data = memoryview(records).cast("B")
+        shift, mask, ps = self._shift, self._mask, self._page_size
+        pos, total, idx = 0, n << 3, start
+        while pos < total:
+            page = self._radix.leaf_alloc(idx >> shift)
+            off = (idx & mask) << 3
+            take = min(ps - off, total - pos)
+            page[off : off + take] = data[pos : pos + take]
+            pos += take
+            idx += take >> 3
+
+    def _zero_range(self, start: int, end: int) -> None:
+        """Zero the records of [start, end), dropping leaves left all zero."""
+        if start >= end:
+            return
+        radix, shift, rpp = self._radix, self._shift, self._rpp
+        for pno, page in list(radix.iter_leaves(start >> shift, ((end - 1) >> shift) + 1)):
+            base = pno << shift
+            lo = max(start - base, 0)
+            hi = min(end - base, rpp)
+            if lo or hi != rpp:
+                page[lo << 3 : hi << 3] = self._zero[: (hi - lo) << 3]
+                if page != self._zero:
+                    continue
+            radix.remove_leaf(pno)
+
+    def _fixup(self, b: int) -> None:
+        """Merge the runs meeting at block boundary `b` if the run rule allows."""
+        if not 0 < b < MAX_FILE_BLOCKS:
+            return
+        rv = self._rec(b)
+        if not rv or rv & _OFF_MASK:
+            return
+        lv = self._rec(b - 1)
+        if not lv or (lv ^ rv) & _UNWRITTEN:
+            return
+        llen = ((lv >> _LEN_SHIFT) & _OFF_MASK) + 1
+        rlen = ((rv >> _LEN_SHIFT) & _OFF_MASK) + 1
+        lp = lv >> _PBLK_SHIFT
+        if llen + rlen > MAX_EXTENT_BLOCKS or lp + llen != rv >> _PBLK_SHIFT:
+            return
+        self._write_run(b - llen, lp, llen + rlen, bool(lv & _UNWRITTEN))
+
+    def _move_tail(self, src: int, dst: int) -> None:
+        """Move every record at index >= src by (dst - src); vacated slots read
+        as holes.  For dst < src, [dst, src) must be a hole."""
+        radix, shift, mask, ps = self._radix, self._shift, self._mask, self._page_size
+        first = src >> shift
+        leaves = radix.detach_leaves(first)
+        if not leaves:
+            return
+        delta = dst - src
+        head = (src & mask) << 3  # bytes of the first leaf that stay put
+        if head and leaves[0][0] == first:
+            page = leaves[0][1]
+            kept = bytearray(page[:head])
+            kept += self._zero[head:]
+            page[:head] = self._zero[:head]
+            if kept != self._zero:
+                radix.set_leaf(first, kept)
+        if not delta & mask:
+            # Whole leaves: re-hang them at their new page numbers.
+            dp = delta >> shift
+            for pno, page in leaves:
+                old = radix.leaf(pno + dp) if pno + dp <= first else None
+                if old is None:
+                    if page != self._zero:
+                        radix.set_leaf(pno + dp, page)
+                else:
+                    # Only the first moved leaf can land on a kept leaf, and
+                    # only in the part that leaf holds as a hole.
+                    old[head:] = page[head:]
+            return
+        # Misaligned: join each stretch of consecutive leaves once, then cut
+        # it into pages at the new alignment, reusing the detached leaves.
+        stretches: list[tuple[int, bytes]] = []
+        i = 0
+        while i < len(leaves):
+            j = i + 1
+            while j < len(leaves) and leaves[j][0] == leaves[j - 1][0] + 1:
+                j += 1
+            stretches.append((leaves[i][0] << shift, b"".join(pg for _, pg in leaves[i:j])))
+            i = j
+        pool = [pg for _, pg in leaves]
+        for rec0, data in stretches:
+            view = memoryview(data)
+            pos, total = 0, len(data)
+            if rec0 < src:  # the first leaf: its kept head does not move
+                pos = head
+            idx = rec0 + (pos >> 3) + delta
+            while pos < total:
+                pno = idx >> shift
+                off = (idx & mask) << 3
+                take = min(ps - off, total - pos)
+                page_or_none = radix.leaf(pno) if pno <= first else None
+                if page_or_none is None:
+                    page = pool.pop() if pool else bytearray(ps)
+                    if take != ps:
+                        page[:] = self._zero
+                    radix.set_leaf(pno, page)
+                else:
+                    page = page_or_none
+                page[off : off + take] = view[pos : pos + take]
+                if page == self._zero:
+                    radix.remove_leaf(pno)
+                pos += take
+                idx += take >> 3
+
+
+def _check_range(op: str, lblk: int, n: int) -> None:
+    if lblk < 0:
+        raise ExtentError(f"{op}: negative logical block {lblk}")
+    if n <= 0:
+        raise ExtentError(f"{op}: block count {n} is not positive")
+    if lblk + n > MAX_FILE_BLOCKS:
+        raise ExtentError(
+            f"{op}: [{lblk}, {lblk + n}) ends past the maximum file size of "
+            f"{MAX_FILE_BLOCKS} blocks"
+        )

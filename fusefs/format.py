@@ -1,0 +1,276 @@
+"""The on-disk format: superblocks, checkpoint header, checkpoint body, mkfs.
+
+Layout of an image of N blocks::
+
+    block 0, 1      superblock copies A and B (a commit writes the copy that
+                    does not hold the current state, so a torn superblock write
+                    leaves the other one intact)
+    block 2 ...     data and checkpoint blocks, handed out by the allocator
+
+A superblock names the *checkpoint header* block; the header lists the runs of
+blocks that hold the checkpoint body, with its length and checksum.  The body is
+zlib-compressed JSON: the inode table (attributes, xattrs, directory entries,
+symlink targets, extent runs) and the runs of data blocks in use.  Everything
+read back is checksummed (CRC32 from zlib): a superblock, a header or a body that
+fails its checksum is corruption, and mount refuses it with a one-line reason.
+
+Mount picks the valid superblock with the highest sequence number.  A commit
+never overwrites a block the current checkpoint uses (DESIGN §6), so a power cut
+at any point leaves one complete, consistent state on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from fusefs.errors import Corrupt, Exists, InvalidArgument, NotFound
+
+MAGIC = b"FUSEFS\x00\x01"
+CHECKPOINT_MAGIC = b"FSCKPT\x00\x01"
+VERSION = 1
+SUPERBLOCK_BLOCKS = (0, 1)
+FIRST_DATA_BLOCK = 2
+
+MIN_BLOCK_SIZE = 1024
+MAX_BLOCK_SIZE = 65536
+MIN_BLOCKS = 64
+MAX_BLOCKS = 1 << 32
+
+# magic, version, block size, device blocks, sequence, checkpoint header block,
+# header checksum, uuid, creation time (ns), flags; then a CRC32 of all that.
+_SB = struct.Struct("<8sIIQQQI16sQI")
+_SB_CRC = struct.Struct("<I")
+# magic, sequence, body length, body checksum, number of runs; runs follow.
+_HDR = struct.Struct("<8sQQII")
+_RUN = struct.Struct("<QI")
+
+
+def crc32(data: bytes | bytearray | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    block_size: int
+    device_blocks: int
+    seq: int
+    checkpoint: int  # header block
+    checkpoint_crc: int
+    uuid: bytes
+    created_ns: int
+    flags: int = 0
+    version: int = VERSION
+
+    def pack(self, block_size: int) -> bytes:
+        body = _SB.pack(
+            MAGIC,
+            self.version,
+            self.block_size,
+            self.device_blocks,
+            self.seq,
+            self.checkpoint,
+            self.checkpoint_crc,
+            self.uuid,
+            self.created_ns,
+            self.flags,
+        )
+        body += _SB_CRC.pack(crc32(body))
+        return body.ljust(block_size, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Superblock:
+        """Decode a superblock; raise Corrupt with the reason when it is not one."""
+        if len(raw) < _SB.size + _SB_CRC.size:
+            raise Corrupt("superblock: short read")
+        body = raw[: _SB.size]
+        (stored,) = _SB_CRC.unpack_from(raw, _SB.size)
+        fields = _SB.unpack(body)
+        if fields[0] != MAGIC:
+            raise Corrupt("not a fusefs image (bad magic)")
+        if stored != crc32(body):
+            raise Corrupt("superblock checksum mismatch")
+        _, version, bs, blocks, seq, cp, cp_crc, uid, created, flags = fields
+        if version != VERSION:
+            raise Corrupt(f"unsupported format version {version}")
+        if not (MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE) or bs & (bs - 1):
+            raise Corrupt(f"superblock: bad block size {bs}")
+        if not (FIRST_DATA_BLOCK <= cp < blocks):
+            raise Corrupt(f"superblock: checkpoint block {cp} outside the device")
+        return cls(bs, blocks, seq, cp, cp_crc, uid, created, flags, version)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointHeader:
+    seq: int
+    length: int
+    crc: int
+    runs: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def max_runs(block_size: int) -> int:
+        return (block_size - _HDR.size) // _RUN.size
+
+    def pack(self, block_size: int) -> bytes:
+        if len(self.runs) > self.max_runs(block_size):
+            raise InvalidArgument("checkpoint: too many runs for one header block")
+        out = bytearray(
+            _HDR.pack(CHECKPOINT_MAGIC, self.seq, self.length, self.crc, len(self.runs))
+        )
+        for pblk, count in self.runs:
+            out += _RUN.pack(pblk, count)
+        return bytes(out.ljust(block_size, b"\0"))
+
+    @classmethod
+    def unpack(cls, raw: bytes, device_blocks: int) -> CheckpointHeader:
+        magic, seq, length, crc, nruns = _HDR.unpack_from(raw, 0)
+        if magic != CHECKPOINT_MAGIC:
+            raise Corrupt("checkpoint header: bad magic")
+        if nruns > cls.max_runs(len(raw)):
+            raise Corrupt("checkpoint header: run count out of range")
+        runs = []
+        for i in range(nruns):
+            pblk, count = _RUN.unpack_from(raw, _HDR.size + i * _RUN.size)
+            if pblk < FIRST_DATA_BLOCK or count == 0 or pblk + count > device_blocks:
+                raise Corrupt(f"checkpoint header: run {pblk}+{count} outside the device")
+            runs.append((pblk, count))
+        if length > sum(c for _, c in runs) * len(raw):
+            raise Corrupt("checkpoint header: body longer than its blocks")
+        return cls(seq, length, crc, tuple(runs))
+
+
+def normalize_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted runs of blocks with adjacent runs merged (how block usage is stored)."""
+    out: list[tuple[int, int]] = []
+    for pblk, n in sorted(runs):
+        if out and out[-1][0] + out[-1][1] == pblk:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((pblk, n))
+    return out
+
+
+def encode_body(state: dict[str, Any]) -> bytes:
+    """Serialize a checkpoint body (the namespace and block usage)."""
+    text = json.dumps(state, separators=(",", ":"), ensure_ascii=True)
+    return zlib.compress(text.encode("ascii"), 1)
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    try:
+        state = json.loads(zlib.decompress(raw).decode("ascii"))
+    except (zlib.error, UnicodeDecodeError, ValueError) as e:
+        raise Corrupt(f"checkpoint body undecodable: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != VERSION:
+        raise Corrupt("checkpoint body: wrong format")
+    return state
+
+
+def empty_state(now_ns: int, uid: int, gid: int) -> dict[str, Any]:
+    """The checkpoint body of a new filesystem: an empty root directory."""
+    root = {
+        "ino": 1,
+        "mode": 0o40755,
+        "uid": uid,
+        "gid": gid,
+        "nlink": 2,
+        "size": 0,
+        "atime": now_ns,
+        "mtime": now_ns,
+        "ctime": now_ns,
+        "rdev": 0,
+        "gen": 1,
+        "parent": 1,
+        "entries": {},
+    }
+    return {"format": VERSION, "next_ino": 2, "generation": 2, "inodes": [root], "used": []}
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``4096``, ``64M``, ``1G``, ``2GiB``, ``512k``: binary multiples."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise InvalidArgument(f"bad size {text!r} (try 64M, 1G, 4096)")
+    number, unit = int(m.group(1)), m.group(2).lower()
+    return number * (1 << (10 * "_kmgtpe".index(unit))) if unit else number
+
+
+def mkfs(
+    path: str | os.PathLike[str], size: int, block_size: int = 4096, force: bool = False
+) -> None:
+    """Make a new, empty filesystem in a sparse image file at ``path``."""
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise InvalidArgument(
+            f"block size must be a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}"
+        )
+    blocks = size // block_size
+    if blocks < MIN_BLOCKS:
+        raise InvalidArgument(f"size too small: need at least {MIN_BLOCKS * block_size} bytes")
+    if blocks > MAX_BLOCKS:
+        raise InvalidArgument(f"size too large: at most {MAX_BLOCKS * block_size} bytes")
+    path = os.fspath(path)
+    if os.path.exists(path) and not force:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC))
+        except OSError as e:
+            raise InvalidArgument(f"{path}: {e.strerror}") from None
+        if head == MAGIC:
+            raise Exists(f"{path} holds a fusefs image; use --force to overwrite it")
+    now = time.time_ns()
+    body = encode_body(empty_state(now, os.getuid(), os.getgid()))
+    body_blocks = -(-len(body) // block_size)
+    header_blk = FIRST_DATA_BLOCK
+    body_start = FIRST_DATA_BLOCK + 1
+    header = CheckpointHeader(1, len(body), crc32(body), ((body_start, body_blocks),))
+    hdr_raw = header.pack(block_size)
+    sb = Superblock(block_size, blocks, 1, header_blk, crc32(hdr_raw), uuid.uuid4().bytes, now)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise InvalidArgument(f"{path}: {e.strerror}") from None
+    try:
+        os.ftruncate(fd, blocks * block_size)
+        os.pwrite(fd, hdr_raw, header_blk * block_size)
+        os.pwrite(fd, body.ljust(body_blocks * block_size, b"\0"), body_start * block_size)
+        os.fsync(fd)
+        # Only copy A is valid at first; B is written by the first commit.
+        os.pwrite(fd, sb.pack(block_size), 0)
+        os.pwrite(fd, b"\0" * block_size, block_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def probe_block_size(path: str | os.PathLike[str]) -> int:
+    """Read the block size from whichever superblock copy is valid."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2 * MAX_BLOCK_SIZE)
+    except FileNotFoundError:
+        raise NotFound(f"{os.fspath(path)}: no such image file") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{os.fspath(path)}: is a directory, not an image") from None
+    except OSError as e:
+        raise Corrupt(f"{os.fspath(path)}: {e.strerror}") from None
+    reasons = []
+    # Copy A sits at offset 0; copy B at one block, which depends on the size.
+    for offset in (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        try:
+            sb = Superblock.unpack(head[offset : offset + 256])
+        except Corrupt as e:
+            reasons.append(str(e))
+            continue
+        if offset in (0, sb.block_size):
+            return sb.block_size
+    raise Corrupt(reasons[0] if reasons else "not a fusefs image")

@@ -1,0 +1,326 @@
+"""fsck: verify an unmounted image, and repair what can be repaired.
+
+Checks, in order:
+
+1. both superblock copies (a blank or stale copy B is fine; a corrupt one is
+   reported and rewritten by the next commit), the checkpoint header and body
+   checksums;
+2. the inode table decodes, the root is a directory, every extent lies inside
+   the data area, no block is mapped twice (by two files, or by a file and the
+   checkpoint itself);
+3. the stored block usage equals the union of all mappings — the allocator's
+   free space is exactly their complement;
+4. every directory entry names an existing inode, link counts equal the number
+   of entries naming the inode (directories: 2 + subdirectories), each
+   directory's parent pointer matches the directory holding it;
+5. every inode with links is reachable from the root; inodes without links are
+   orphans of files unlinked while open (reclaimed at mount or by --repair).
+
+Exit codes as e2fsck: 0 clean, 1 errors corrected, 4 errors left uncorrected,
+8 operational error (unreadable image, corrupt superblock or checkpoint).
+Repair fixes counts, drops dangling entries and double mappings (the later
+owner loses the blocks), reconnects unreachable inodes under ``/lost+found``,
+reclaims orphans, and writes the result as a new checkpoint with a normal
+atomic commit.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from fusefs.alloc import Allocator, Run
+from fusefs.blockdev import BlockDevice
+from fusefs.commit import Committer, Loaded, load_checkpoint
+from fusefs.errors import FsError
+from fusefs.format import (
+    FIRST_DATA_BLOCK,
+    SUPERBLOCK_BLOCKS,
+    VERSION,
+    Superblock,
+    normalize_runs,
+    probe_block_size,
+)
+from fusefs.inode import Inode, now_ns
+from fusefs.namespace import ROOT_INO
+
+EXIT_CLEAN = 0
+EXIT_CORRECTED = 1
+EXIT_UNCORRECTED = 4
+EXIT_OPERATIONAL = 8
+
+
+@dataclass
+class FsckResult:
+    exit_code: int
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Check:
+    repair: bool
+    messages: list[str] = field(default_factory=list)
+    errors: int = 0
+    fixed: int = 0
+    notes: int = 0
+
+    def error(self, msg: str, *, fixable: bool = True) -> None:
+        self.errors += 1
+        if self.repair and fixable:
+            self.fixed += 1
+            self.messages.append(f"{msg} (fixed)")
+        else:
+            self.messages.append(msg)
+
+    def note(self, msg: str) -> None:
+        self.notes += 1
+        self.messages.append(msg)
+
+
+def fsck(path: str | os.PathLike[str], repair: bool = False) -> FsckResult:
+    """Check (and with ``repair`` fix) the image at ``path``."""
+    try:
+        bs = probe_block_size(path)
+        dev = BlockDevice(path, bs, read_only=not repair)
+    except (FsError, OSError) as e:
+        return FsckResult(EXIT_OPERATIONAL, [f"cannot open {os.fspath(path)}: {e}"])
+    try:
+        try:
+            loaded = load_checkpoint(dev)
+        except FsError as e:
+            return FsckResult(EXIT_OPERATIONAL, [f"checkpoint unreadable: {e}"])
+        check = _Check(repair)
+        _check_superblocks(dev, loaded, check)
+        inodes = _check_inodes(loaded, check)
+        if inodes is None:
+            return FsckResult(EXIT_UNCORRECTED, check.messages)
+        changed = _check_blocks(loaded, inodes, check)
+        changed |= _check_tree(inodes, check)
+        if repair and changed:
+            try:
+                trio.run(_write_repaired, dev, loaded, inodes)
+            except FsError as e:
+                check.messages.append(f"repair failed to commit: {e}")
+                return FsckResult(EXIT_UNCORRECTED, check.messages)
+        if check.errors == 0:
+            code = EXIT_CORRECTED if (repair and changed) else EXIT_CLEAN
+        elif repair and check.fixed == check.errors:
+            code = EXIT_CORRECTED
+        else:
+            code = EXIT_UNCORRECTED
+        summary = (
+            f"{len(inodes)} inodes, {check.errors} errors"
+            + (f", {check.fixed} fixed" if repair else "")
+            + (f", {check.notes} notes" if check.notes else "")
+        )
+        check.messages.append(summary)
+        return FsckResult(code, check.messages)
+    finally:
+        dev.close()
+
+
+def _check_superblocks(dev: BlockDevice, loaded: Loaded, check: _Check) -> None:
+    for blk in SUPERBLOCK_BLOCKS:
+        raw = dev.read_sync(blk, 1)
+        if not any(raw):
+            continue  # never written yet
+        try:
+            Superblock.unpack(raw)
+        except FsError as e:
+            check.note(f"superblock copy {blk}: {e}; the next commit rewrites it")
+
+
+def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:
+    inodes: dict[int, Inode] = {}
+    for rec in loaded.state.get("inodes", []):
+        try:
+            inode = Inode.from_record(rec)
+        except (FsError, KeyError, TypeError, ValueError) as e:
+            check.error(f"inode record {rec.get('ino', '?')} undecodable: {e}", fixable=False)
+            return None
+        if inode.ino in inodes:
+            check.error(f"inode {inode.ino} appears twice", fixable=False)
+            return None
+        inodes[inode.ino] = inode
+    root = inodes.get(ROOT_INO)
+    if root is None or not root.is_dir:
+        check.error("no root directory", fixable=False)
+        return None
+    next_ino = int(loaded.state.get("next_ino", 0))
+    if inodes and next_ino <= max(inodes):
+        check.error(f"next inode number {next_ino} not above the largest in use")
+        loaded.state["next_ino"] = max(inodes) + 1
+    return inodes
+
+
+def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bool:
+    """Extents inside the device, nothing mapped twice, usage equal to the mappings."""
+    changed = False
+    blocks = loaded.superblock.device_blocks
+    owner: dict[int, int] = {}
+    for pblk, n in loaded.runs:
+        for b in range(pblk, pblk + n):
+            owner[b] = 0  # the checkpoint itself
+    for inode in sorted(inodes.values(), key=lambda i: i.ino):
+        if inode.extents is None:
+            continue
+        bad: list[tuple[int, int]] = []
+        for ext in list(inode.extents.extents()):
+            assert ext.pblk is not None
+            if ext.pblk < FIRST_DATA_BLOCK or ext.pblk + ext.length > blocks:
+                check.error(
+                    f"inode {inode.ino}: extent {ext.start}+{ext.length} at block {ext.pblk} "
+                    f"outside the data area"
+                )
+                bad.append((ext.start, ext.length))
+                continue
+            for i in range(ext.length):
+                b = ext.pblk + i
+                other = owner.get(b)
+                if other is not None:
+                    what = "the checkpoint" if other == 0 else f"inode {other}"
+                    check.error(f"block {b} mapped by inode {inode.ino} and by {what}")
+                    bad.append((ext.start + i, 1))
+                else:
+                    owner[b] = inode.ino
+        if bad and check.repair:
+            for lblk, n in bad:
+                inode.extents.unmap(lblk, n)
+            changed = True
+    mapped = normalize_runs([(b, 1) for b, o in owner.items() if o != 0])
+    stored = normalize_runs([(int(p), int(n)) for p, n in loaded.state.get("used", [])])
+    if mapped != stored:
+        check.error(
+            f"free space map disagrees with the mappings "
+            f"({sum(n for _, n in stored)} blocks recorded used, "
+            f"{sum(n for _, n in mapped)} mapped)"
+        )
+        changed = True
+    return changed
+
+
+def _check_tree(inodes: dict[int, Inode], check: _Check) -> bool:
+    changed = False
+    refs: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    parent_of: dict[int, int] = {}
+    for d in list(inodes.values()):
+        if d.entries is None:
+            continue
+        for name, ino in list(d.entries.items()):
+            child = inodes.get(ino)
+            if child is None:
+                check.error(f"directory {d.ino}: entry {name!r} names missing inode {ino}")
+                if check.repair:
+                    del d.entries[name]
+                    changed = True
+                continue
+            refs[ino] += 1
+            if child.is_dir:
+                subdirs[d.ino] += 1
+                if ino in parent_of:
+                    check.error(f"directory {ino} has more than one name", fixable=False)
+                parent_of[ino] = d.ino
+    # reachability from the root
+    reachable = {ROOT_INO}
+    stack = [ROOT_INO]
+    while stack:
+        d = inodes[stack.pop()]
+        for ino in (d.entries or {}).values():
+            if ino in inodes and ino not in reachable:
+                reachable.add(ino)
+                if inodes[ino].is_dir:
+                    stack.append(ino)
+    lost_found: Inode | None = None
+    for inode in sorted(inodes.values(), key=lambda i: i.ino):
+        if inode.ino in reachable:
+            continue
+        if inode.nlink == 0 and refs[inode.ino] == 0:
+            check.note(f"inode {inode.ino}: orphan (unlinked while open); reclaimed at mount")
+            if check.repair:
+                del inodes[inode.ino]
+                changed = True
+            continue
+        check.error(f"inode {inode.ino} is not reachable from the root")
+        if check.repair:
+            if lost_found is None:
+                lost_found = _lost_and_found(inodes)
+            assert lost_found.entries is not None
+            lost_found.entries[f"#{inode.ino}".encode()] = inode.ino
+            refs[inode.ino] += 1
+            if inode.is_dir:
+                inode.parent = lost_found.ino
+                subdirs[lost_found.ino] += 1
+                parent_of[inode.ino] = lost_found.ino
+            changed = True
+    for inode in inodes.values():
+        want = 2 + subdirs[inode.ino] if inode.is_dir else refs[inode.ino]
+        if inode.ino not in reachable and inode.nlink == 0 and refs[inode.ino] == 0:
+            continue
+        if inode.nlink != want:
+            check.error(f"inode {inode.ino}: link count {inode.nlink}, should be {want}")
+            if check.repair:
+                inode.nlink = want
+                changed = True
+        if inode.is_dir and inode.ino != ROOT_INO:
+            parent = parent_of.get(inode.ino)
+            if parent is not None and inode.parent != parent:
+                check.error(f"directory {inode.ino}: parent {inode.parent}, should be {parent}")
+                if check.repair:
+                    inode.parent = parent
+                    changed = True
+    return changed
+
+
+def _lost_and_found(inodes: dict[int, Inode]) -> Inode:
+    root = inodes[ROOT_INO]
+    assert root.entries is not None
+    ino = root.entries.get(b"lost+found")
+    if ino is not None and inodes[ino].is_dir:
+        return inodes[ino]
+    new_ino = max(inodes) + 1
+    t = now_ns()
+    lf = Inode(
+        ino=new_ino,
+        mode=stat.S_IFDIR | 0o700,
+        uid=0,
+        gid=0,
+        nlink=2,
+        atime_ns=t,
+        mtime_ns=t,
+        ctime_ns=t,
+        entries={},
+        parent=ROOT_INO,
+    )
+    inodes[new_ino] = lf
+    root.entries[b"lost+found"] = new_ino
+    root.nlink += 1
+    return lf
+
+
+async def _write_repaired(dev: BlockDevice, loaded: Loaded, inodes: dict[int, Inode]) -> None:
+    used: list[Run] = []
+    for inode in inodes.values():
+        if inode.extents is not None:
+            used += [(e.pblk, e.length) for e in inode.extents.extents() if e.pblk is not None]
+    alloc = Allocator.from_used(
+        loaded.superblock.device_blocks, FIRST_DATA_BLOCK, normalize_runs(used) + list(loaded.runs)
+    )
+    committer = Committer(dev, alloc, loaded)
+    next_ino = max(int(loaded.state.get("next_ino", 0)), max(inodes) + 1)
+    state: dict[str, Any] = {
+        "format": VERSION,
+        "next_ino": next_ino,
+        "generation": 1,
+        "inodes": [i.to_record() for i in inodes.values()],
+        "used": [list(r) for r in normalize_runs(used)],
+    }
+    await committer.commit(lambda: state)
+
+
+__all__ = ["FsckResult", "fsck"]

@@ -1,0 +1,425 @@
+"""The page cache: pages, per-inode mappings, LRU, dirty accounting, reservations.
+
+fusefs keeps its own page cache (the kernel's is bypassed with FUSE
+``direct_io``, DESIGN §2).  A `Page` is one block of one file; a `Mapping` is
+one inode's pages, indexed by block number in a sorted dict so that range
+operations (write back, drop) cost the pages in the range, not the file.  Each
+mapping carries the inode's `PagecacheLock` — the pagecache add lock, the
+kernel's ``mapping->invalidate_lock``.
+
+Only pages whose contents are valid are ever in a mapping: a read fills its
+buffers first and inserts afterwards (so there are no locked, not-yet-uptodate
+pages to wait on).  That insert, after an ``await``, is exactly where a page
+with stale contents could get in while a truncate, punch or shift changes the
+mapping underneath: the ADD side held across fill-and-insert, against the BLOCK
+side held across drop-and-change, is what keeps them apart.
+
+Per-page state:
+
+* ``dirty`` — newer than the block on disk; not evictable.
+* ``writeback`` — being written; BLOCK holders wait for it (`wait_writeback`).
+* ``space`` — the state of the page's block: ``UNALLOCATED`` (a hole, nothing
+  promised), ``RESERVED`` (a hole, with one block of the cache's reservation
+  held for it, so writeback cannot hit ENOSPC), ``ALLOCATED`` (the extent map
+  has a block behind it).  The invariant the tests check: the cache's
+  reservation holds exactly one block per ``RESERVED`` page.
+* ``readahead`` — brought in by readahead and not yet read (used/wasted counts).
+
+Memory: a global limit (``cache_size``) with LRU eviction of clean pages not
+under writeback; a dirty limit (half the cache) at which writers wait for
+writeback, and a background threshold (a quarter) at which the flusher starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+from sortedcontainers import SortedDict
+
+from fusefs.alloc import Allocator, Reservation
+from fusefs.faults import alloc_page
+from fusefs.locking import PagecacheLock
+
+if TYPE_CHECKING:
+    from fusefs.inode import Inode
+
+UNALLOCATED: Final = 0
+RESERVED: Final = 1
+ALLOCATED: Final = 2
+SPACE_NAMES: Final = {UNALLOCATED: "unallocated", RESERVED: "reserved", ALLOCATED: "allocated"}
+
+DEFAULT_CACHE_SIZE: Final = 64 << 20
+DIRTY_EXPIRE_SECONDS: Final = 2.0
+
+
+@final
+class Page:
+    """One block of one file, resident in the cache."""
+
+    __slots__ = (
+        "data",
+        "dirtied_at",
+        "dirty",
+        "index",
+        "mapping",
+        "readahead",
+        "space",
+        "uptodate",
+        "writeback",
+    )
+
+    def __init__(self, mapping: Mapping, index: int, data: bytearray, space: int) -> None:
+        self.mapping = mapping
+        self.index = index
+        self.data = data
+        self.uptodate = True
+        self.dirty = False
+        self.writeback = False
+        self.space = space
+        self.readahead = False
+        self.dirtied_at = 0.0
+
+    def __repr__(self) -> str:
+        flags = [n for n in ("dirty", "writeback", "readahead") if getattr(self, n)]
+        return (
+            f"<Page ino={self.mapping.inode.ino} index={self.index} "
+            f"{SPACE_NAMES[self.space]} {' '.join(flags)}>"
+        )
+
+
+@final
+class Mapping:
+    """One inode's pages and its pagecache add lock."""
+
+    def __init__(self, cache: PageCache, inode: Inode, *, lock_enabled: bool = True) -> None:
+        self.cache = cache
+        self.inode = inode
+        self.pages: SortedDict[int, Page] = SortedDict()
+        self.lock = PagecacheLock(enabled=lock_enabled)
+        self.nr_dirty = 0
+        self.nr_writeback = 0
+        # Signalled whenever a page of this mapping finishes writeback.
+        self.writeback_done = trio.Event()
+        # The first writeback error not yet reported by fsync (errseq-like).
+        self.error: Exception | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Mapping ino={self.inode.ino} pages={len(self.pages)} dirty={self.nr_dirty} "
+            f"writeback={self.nr_writeback} lock={self.lock!r}>"
+        )
+
+    def get(self, index: int) -> Page | None:
+        return self.pages.get(index)
+
+    def range(self, first: int, end: int) -> Iterator[Page]:
+        """The resident pages with first <= index < end, in order."""
+        if end <= first:
+            return iter(())
+        pages = self.pages
+        return (pages[i] for i in list(pages.irange(first, end - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class PageCacheStatistics:
+    pages: int
+    memory_bytes: int
+    limit_bytes: int
+    dirty: int
+    writeback: int
+    reserved_pages: int
+    reservation_blocks: int
+    hits: int
+    misses: int
+    readahead_issued: int
+    readahead_used: int
+    readahead_wasted: int
+    readahead_abandoned: int
+    evictions: int
+    writeback_pages: int
+    writeback_runs: int
+    writeback_errors: int
+    writeback_unreserved: int
+    throttled: int
+
+
+@final
+class PageCache:
+    """All mappings, the LRU of clean pages, and the dirty/reservation accounting."""
+
+    def __init__(
+        self, block_size: int, alloc: Allocator, *, limit_bytes: int = DEFAULT_CACHE_SIZE
+    ) -> None:
+        self.block_size = block_size
+        self.alloc = alloc
+        self.limit_bytes = limit_bytes
+        self.max_pages = max(16, limit_bytes // block_size)
+        self.dirty_limit = max(8, self.max_pages // 2)
+        self.background_limit = max(4, self.max_pages // 4)
+        self.lock_enabled = True
+        self.mappings: dict[int, Mapping] = {}
+        self.nr_pages = 0
+        self.nr_dirty = 0
+        self.nr_writeback = 0
+        self.nr_reserved = 0
+        # Clean, idle pages in least-recently-used order (dict order).
+        self.lru: OrderedDict[Page, None] = OrderedDict()
+        # One reservation for every RESERVED page: one block each.
+        self.reservation: Reservation = alloc.reserve(0)
+        self.dirty_mappings: dict[Mapping, None] = {}
+        # Woken when dirty pages become clean (writers throttled on the limit wait on it).
+        self._cleaned = trio.Event()
+        self.kick = trio.Event()  # wakes the flusher
+        self.counters = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "readahead_issued",
+                "readahead_used",
+                "readahead_wasted",
+                "readahead_abandoned",
+                "evictions",
+                "writeback_pages",
+                "writeback_runs",
+                "writeback_errors",
+                "writeback_unreserved",
+                "throttled",
+            ),
+            0,
+        )
+
+    def __repr__(self) -> str:
+        return f"<PageCache pages={self.nr_pages}/{self.max_pages} dirty={self.nr_dirty}>"
+
+    def statistics(self) -> PageCacheStatistics:
+        c = self.counters
+        return PageCacheStatistics(
+            pages=self.nr_pages,
+            memory_bytes=self.nr_pages * self.block_size,
+            limit_bytes=self.limit_bytes,
+            dirty=self.nr_dirty,
+            writeback=self.nr_writeback,
+            reserved_pages=self.nr_reserved,
+            reservation_blocks=self.reservation.remaining,
+            hits=c["hits"],
+            misses=c["misses"],
+            readahead_issued=c["readahead_issued"],
+            readahead_used=c["readahead_used"],
+            readahead_wasted=c["readahead_wasted"],
+            readahead_abandoned=c["readahead_abandoned"],
+            evictions=c["evictions"],
+            writeback_pages=c["writeback_pages"],
+            writeback_runs=c["writeback_runs"],
+            writeback_errors=c["writeback_errors"],
+            writeback_unreserved=c["writeback_unreserved"],
+            throttled=c["throttled"],
+        )
+
+    # mappings:
+
+    def mapping(self, inode: Inode) -> Mapping:
+        m = self.mappings.get(inode.ino)
+        if m is None:
+            m = Mapping(self, inode, lock_enabled=self.lock_enabled)
+            self.mappings[inode.ino] = m
+        return m
+
+    def set_lock_enabled(self, enabled: bool) -> None:
+        """Switch the pagecache add lock on or off for every inode (demonstration only)."""
+        self.lock_enabled = enabled
+        for m in self.mappings.values():
+            m.lock.enabled = enabled
+
+    def forget_mapping(self, inode: Inode) -> None:
+        """The inode is gone: drop every page (dirty ones too) and the mapping."""
+        m = self.mappings.pop(inode.ino, None)
+        if m is not None:
+            self.drop_range(m, 0, None, discard_dirty=True)
+
+    # pages:
+
+    def new_page(self, mapping: Mapping, index: int, space: int) -> Page:
+        """A zeroed page, not yet inserted (memory fault site ``pagecache_page``)."""
+        return Page(mapping, index, alloc_page("pagecache_page", self.block_size), space)
+
+    def insert(self, page: Page) -> Page:
+        """Insert a filled page unless one is there already; return the resident one.
+
+        Caller must hold the mapping's ADD side (or BLOCK, when it is the one
+        changing the range).
+        """
+        pages = page.mapping.pages
+        existing = pages.get(page.index)
+        if existing is not None:
+            return existing
+        pages[page.index] = page
+        self.nr_pages += 1
+        self.lru[page] = None
+        if self.nr_pages > self.max_pages:
+            self.evict(self.nr_pages - self.max_pages)
+        return page
+
+    def touch(self, page: Page) -> None:
+        """A hit: count it and move the page to the young end of the LRU."""
+        self.counters["hits"] += 1
+        if page.readahead:
+            page.readahead = False
+            self.counters["readahead_used"] += 1
+        if page in self.lru:
+            self.lru.move_to_end(page)
+
+    def _remove(self, page: Page) -> None:
+        m = page.mapping
+        del m.pages[page.index]
+        self.nr_pages -= 1
+        self.lru.pop(page, None)
+        if page.readahead:
+            self.counters["readahead_wasted"] += 1
+        if page.dirty:
+            page.dirty = False
+            m.nr_dirty -= 1
+            self.nr_dirty -= 1
+            if m.nr_dirty == 0:
+                self.dirty_mappings.pop(m, None)
+            self._wake_cleaned()
+        if page.space == RESERVED:
+            self._unreserve(page)
+
+    def evict(self, count: int) -> int:
+        """Evict up to ``count`` clean, idle pages, oldest first."""
+        done = 0
+        while done < count and self.lru:
+            page, _ = self.lru.popitem(last=False)
+            self.lru[page] = None  # _remove pops it again
+            self._remove(page)
+            done += 1
+        self.counters["evictions"] += done
+        return done
+
+    def drop_range(
+        self, mapping: Mapping, first: int, end: int | None, *, discard_dirty: bool
+    ) -> int:
+        """Remove the pages of [first, end) from the cache.
+
+        Caller must hold the mapping's BLOCK side and have waited for writeback
+        in the range.  Dirty pages are written back first by callers that keep
+        the data; ``discard_dirty`` says that losing them is the point
+        (truncate, punch, a deleted file).
+        """
+        last = None if end is None else end - 1
+        keys = list(mapping.pages.irange(first, last))
+        dropped = 0
+        for index in keys:
+            page = mapping.pages[index]
+            if page.writeback:
+                raise RuntimeError(f"drop_range: {page!r} is under writeback")
+            if page.dirty and not discard_dirty:
+                raise RuntimeError(f"drop_range: {page!r} is dirty")
+            self._remove(page)
+            dropped += 1
+        return dropped
+
+    def drop_clean(self) -> int:
+        """drop_caches: remove every clean, idle page."""
+        return self.evict(len(self.lru))
+
+    # dirty state and reservations:
+
+    def reserve(self, page: Page) -> None:
+        """Give a hole page its block of reservation; NoSpace if there is none."""
+        if page.space != UNALLOCATED:
+            return
+        self.reservation.add(1)
+        page.space = RESERVED
+        self.nr_reserved += 1
+
+    def _unreserve(self, page: Page) -> None:
+        self.reservation.release(1)
+        page.space = UNALLOCATED
+        self.nr_reserved -= 1
+
+    def allocated(self, page: Page) -> None:
+        """Writeback mapped the page's block; its reservation was consumed."""
+        if page.space == RESERVED:
+            self.nr_reserved -= 1
+        page.space = ALLOCATED
+
+    def mark_dirty(self, page: Page) -> None:
+        if page.dirty:
+            return
+        m = page.mapping
+        page.dirty = True
+        page.dirtied_at = time.monotonic()
+        m.nr_dirty += 1
+        self.nr_dirty += 1
+        self.dirty_mappings[m] = None
+        self.lru.pop(page, None)
+        if self.nr_dirty >= self.background_limit:
+            self.kick.set()
+
+    def start_writeback(self, page: Page) -> None:
+        m = page.mapping
+        page.dirty = False
+        page.writeback = True
+        m.nr_dirty -= 1
+        self.nr_dirty -= 1
+        m.nr_writeback += 1
+        self.nr_writeback += 1
+        if m.nr_dirty == 0:
+            self.dirty_mappings.pop(m, None)
+
+    def end_writeback(self, page: Page, *, failed: bool) -> None:
+        m = page.mapping
+        page.writeback = False
+        m.nr_writeback -= 1
+        self.nr_writeback -= 1
+        if failed:
+            self.mark_dirty(page)
+        elif not page.dirty and page.index in m.pages and m.pages[page.index] is page:
+            self.lru[page] = None
+        m.writeback_done.set()
+        m.writeback_done = trio.Event()
+        self._wake_cleaned()
+
+    def _wake_cleaned(self) -> None:
+        self._cleaned.set()
+        self._cleaned = trio.Event()
+
+    async def throttle(self) -> None:
+        """balance_dirty_pages: wait while the dirty limit is exceeded."""
+        if self.nr_dirty < self.dirty_limit:
+            return
+        self.counters["throttled"] += 1
+        while self.nr_dirty >= self.dirty_limit:
+            self.kick.set()
+            await self._cleaned.wait()
+
+    def check(self) -> None:
+        """Verify the accounting (tests): counts, LRU membership, reservations."""
+        pages = dirty = wb = reserved = 0
+        for m in self.mappings.values():
+            md = mw = 0
+            for index, page in m.pages.items():
+                assert page.index == index and page.mapping is m
+                pages += 1
+                md += page.dirty
+                mw += page.writeback
+                reserved += page.space == RESERVED
+                idle = not page.dirty and not page.writeback
+                assert (page in self.lru) == idle, f"{page!r}: LRU membership wrong"
+            assert m.nr_dirty == md, f"{m!r}: dirty count {m.nr_dirty} != {md}"
+            assert m.nr_writeback == mw
+            dirty += md
+            wb += mw
+        assert pages == self.nr_pages, f"page count {self.nr_pages} != {pages}"
+        assert dirty == self.nr_dirty
+        assert wb == self.nr_writeback
+        assert reserved == self.nr_reserved
+        assert self.reservation.remaining == reserved, (
+            f"reservation holds {self.reservation.remaining} blocks for {reserved} reserved pages"
+        )

@@ -1,0 +1,167 @@
+"""The ``fusefs`` command line: exit codes and one-line errors, without a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusefs.filesystem import Filesystem, MountOptions
+from fusefs.namespace import ROOT_INO
+
+from .conftest import FUSEFS, FuseMount, fusefs, mkfs
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], command: str) -> None:
+    assert done.returncode != 0, done.stdout
+    assert done.stderr.startswith(f"fusefs {command}: "), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_python_m_fusefs_and_help() -> None:
+    for argv in (["-m", "fusefs", "--help"], ["-m", "fusefs.cli", "mount", "--help"]):
+        done = subprocess.run(
+            [FUSEFS[0], *argv], capture_output=True, text=True, check=False, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage: fusefs" in done.stdout
+
+
+def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    before = image.read_bytes()[:8192]
+    done = fusefs("mkfs", image, "--size", "64M")
+    assert_one_line_error(done, "mkfs")
+    assert "--force" in done.stderr
+    assert image.read_bytes()[:8192] == before
+    done = fusefs("mkfs", image, "--size", "32M", "--force")
+    assert done.returncode == 0, done.stderr
+    assert image.stat().st_size == 32 << 20
+
+
+@pytest.mark.parametrize(
+    ("size", "block_size", "words"),
+    [
+        ("4K", "4096", "too small"),
+        ("1E", "4096", "too large"),
+        ("lots", "4096", "bad size"),
+        ("64M", "3000", "block size"),
+    ],
+)
+def test_mkfs_bad_sizes_are_clean_errors(
+    tmp_path: Path, size: str, block_size: str, words: str
+) -> None:
+    image = tmp_path / "fs.img"
+    done = fusefs("mkfs", image, "--size", size, "--block-size", block_size)
+    assert_one_line_error(done, "mkfs")
+    assert words in done.stderr
+    assert not image.exists()
+
+
+def test_umount_of_a_non_mount_is_a_clean_error(tmp_path: Path) -> None:
+    done = fusefs("umount", tmp_path)
+    assert_one_line_error(done, "umount")
+    assert "not mounted" in done.stderr
+    done = fusefs("umount", "/proc")
+    assert_one_line_error(done, "umount")
+    assert "not a fusefs mount" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["fault", "stats"])
+def test_control_commands_on_a_non_mount(tmp_path: Path, command: str) -> None:
+    done = fusefs(command, tmp_path)
+    assert_one_line_error(done, command)
+    assert "not a fusefs mount" in done.stderr
+
+
+def test_mount_argument_errors(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "mnt").mkdir()
+    cases: list[tuple[tuple[str | Path, ...], str]] = [
+        ((tmp_path / "missing.img", tmp_path / "mnt"), "no such image"),
+        ((image, tmp_path / "nowhere"), "No such file or directory"),
+        ((image, tmp_path / "file"), "not a directory"),
+        ((image, "/proc"), "already a mount point"),
+        ((image, tmp_path / "mnt", "-o", "bogus"), "unknown mount option"),
+    ]
+    for args, words in cases:
+        done = fusefs("mount", *args)
+        assert_one_line_error(done, "mount")
+        assert words in done.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+    assert not (tmp_path / "fs.img.status").exists()
+
+
+@pytest.mark.mount
+def test_mount_of_a_mounted_image_or_mountpoint(mnt: FuseMount, tmp_path: Path) -> None:
+    done = fusefs("mount", mnt.image, mnt.mountpoint)
+    assert_one_line_error(done, "mount")
+    assert "already a mount point" in done.stderr
+    (tmp_path / "other").mkdir()
+    done = fusefs("mount", mnt.image, tmp_path / "other")
+    assert_one_line_error(done, "mount")
+    assert f"already mounted on {mnt.mountpoint}" in done.stderr
+
+
+@pytest.mark.mount
+def test_fsck_refuses_a_mounted_image(mnt: FuseMount) -> None:
+    done = fusefs("fsck", mnt.image)
+    assert done.returncode == 8
+    assert_one_line_error(done, "fsck")
+    assert "is mounted on" in done.stderr
+
+
+def test_fsck_exit_codes_clean(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    done = fusefs("fsck", image)
+    assert done.returncode == 0, done.stdout + done.stderr
+    foreign = tmp_path / "foreign.img"
+    foreign.write_bytes(os.urandom(1 << 20))
+    assert fusefs("fsck", foreign).returncode == 8
+    assert fusefs("fsck", tmp_path / "missing.img").returncode == 8
+
+
+async def _damage_link_count(image: Path) -> None:
+    fs = await Filesystem.mount(image, MountOptions(commit_interval=3600))
+    fh, attr = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, os.getuid(), os.getgid())
+    await fs.write(fh, 0, b"data")
+    await fs.release(fh)
+    fs.ns.get(attr.ino).nlink = 7  # a wrong link count, which fsck can repair
+    await fs.unmount()
+
+
+def test_fsck_exit_codes_damaged(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    trio.run(_damage_link_count, image)
+    done = fusefs("fsck", image)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "link count" in done.stdout
+    done = fusefs("fsck", image, "--repair")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert fusefs("fsck", image).returncode == 0
+
+
+@pytest.mark.mount
+def test_awkward_image_path_round_trips_through_mountinfo(tmp_path: Path) -> None:
+    """The image path travels as the mount's source (fsname=fusefs:IMAGE, escaped for
+    libfuse, octal-escaped in mountinfo) and umount needs it back for the status."""
+    image = tmp_path / "an image, with\\odd chars.img"
+    mkfs(image)
+    (tmp_path / "mnt").mkdir()
+    m = FuseMount(image, tmp_path / "mnt")
+    try:
+        m.mount()
+        (tmp_path / "mnt" / "f").write_bytes(b"x")
+        m.umount_clean()
+    finally:
+        m.teardown()
+    assert Path(f"{image}.status").read_text().startswith("clean ")
