@@ -303,7 +303,7 @@ class ExtentMap:
             self._write_run(a, p + a - s, b - a, False)
             if b < s + k:
                 self._write_run(b, p + b - s, s + k - b, True)
-            fix += (s, a, b, s + k)
+            fix += (a, b)
         for x in sorted(set(fix)):
             self._fixup(x)
 

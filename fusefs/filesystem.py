@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -38,11 +39,15 @@ from fusefs.errors import (
     ReadOnly,
 )
 from fusefs.extents import MAX_FILE_BLOCKS
-from fusefs.faults import REGISTRY, dynamic_fault
-from fusefs.format import FIRST_DATA_BLOCK, VERSION, normalize_runs, probe_block_size
+from fusefs.faults import REGISTRY, dynamic_fault, race_fault
+from fusefs.format import FIRST_DATA_BLOCK, VERSION, normalize_runs, parse_size, probe_block_size
 from fusefs.inode import Inode, now_ns
-from fusefs.io import direct
+from fusefs.io import buffered, direct
+from fusefs.io.readahead import ReadaheadState
+from fusefs.io.truncate import truncate as truncate_inode
+from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
 from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
+from fusefs.pagecache import DEFAULT_CACHE_SIZE, PageCache
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +83,27 @@ class StatFs:
     name_max: int
 
 
+def _on_off(key: str, value: str) -> bool:
+    if value in ("on", "1", "yes", "true"):
+        return True
+    if value in ("off", "0", "no", "false"):
+        return False
+    raise InvalidArgument(f"{key}= takes on or off, not {value!r}")
+
+
 @dataclass
 class MountOptions:
     read_only: bool = False
     commit_interval: float = 5.0
     faults: list[str] = field(default_factory=list)
+    cache_size: int = DEFAULT_CACHE_SIZE
+    pagecache_lock: bool = True
+    readahead: bool = True
 
     @classmethod
     def parse(cls, text: str) -> MountOptions:
-        """``-o`` options: ``ro``, ``rw``, ``commit=SECONDS``."""
+        """``-o`` options: ``ro``, ``rw``, ``commit=SECONDS``, ``cache_size=SIZE``,
+        ``pagecache_lock=on|off`` (off only to demonstrate races), ``readahead=on|off``."""
         opts = cls()
         for item in filter(None, (s.strip() for s in text.split(","))):
             key, _, value = item.partition("=")
@@ -94,6 +111,14 @@ class MountOptions:
                 opts.read_only = True
             elif key == "rw":
                 opts.read_only = False
+            elif key == "cache_size":
+                opts.cache_size = parse_size(value)
+                if opts.cache_size < 1 << 20:
+                    raise InvalidArgument("cache_size must be at least 1M")
+            elif key == "pagecache_lock":
+                opts.pagecache_lock = _on_off(key, value)
+            elif key == "readahead":
+                opts.readahead = _on_off(key, value)
             elif key == "commit":
                 try:
                     opts.commit_interval = float(value)
@@ -110,10 +135,15 @@ class MountOptions:
 class Handle:
     inode: Inode
     flags: int
+    readahead: ReadaheadState = field(default_factory=ReadaheadState)
 
     @property
     def direct(self) -> bool:
         return bool(self.flags & os.O_DIRECT)
+
+    @property
+    def append(self) -> bool:
+        return bool(self.flags & os.O_APPEND)
 
 
 @dataclass(eq=False)
@@ -149,6 +179,12 @@ class Filesystem:
         self._cancel: trio.CancelScope | None = None
         self._done = trio.Event()
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0}
+        self.cache = PageCache(self.block_size, alloc, limit_bytes=options.cache_size)
+        self.cache.set_lock_enabled(options.pagecache_lock)
+        self.readahead_enabled = options.readahead
+        # Set by the FUSE layer: drop the kernel's cached pages (and attributes)
+        # of an inode whose data or size fusefs changed behind its back.
+        self.invalidate_hook: Callable[[int, bool], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Filesystem {self.dev.path!r} inodes={len(self.ns.inodes)}>"
@@ -212,26 +248,57 @@ class Filesystem:
             await self.commit()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work (periodic commits) until `unmount`."""
+        """Background work until `unmount`: the flusher, readahead, periodic commits."""
         with trio.CancelScope() as scope:
             self._cancel = scope
-            task_status.started()
-            while True:
-                await trio.sleep(self.options.commit_interval)
-                if self.dirty and not self.read_only:
-                    try:
-                        await self.commit()
-                    except FsError as e:
-                        log.error("background commit failed: %s", e)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(flusher, self)
+                task_status.started()
+                while True:
+                    await trio.sleep(self.options.commit_interval)
+                    if self.dirty and not self.read_only:
+                        try:
+                            await self.commit()
+                        except FsError as e:
+                            log.error("background commit failed: %s", e)
+        self._nursery = None
         self._done.set()
 
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run background work (readahead) in the filesystem's nursery, if running."""
+        if self._nursery is None:
+            if hasattr(work, "close"):
+                work.close()
+            return
+
+        async def runner() -> None:
+            await work
+
+        self._nursery.start_soon(runner)
+
+    def invalidate_kernel(self, ino: int, *, attr_only: bool = False) -> None:
+        if self.invalidate_hook is not None:
+            self.invalidate_hook(ino, attr_only)
+
+    async def sync_data(self) -> None:
+        """Write back every dirty page and wait for it."""
+        for mapping in list(self.cache.mappings.values()):
+            await writeback_range(self, mapping, wait=True)
+
+    async def sync(self) -> None:
+        """syncfs: write back every file, then commit."""
+        await self.sync_data()
+        await self.commit()
+
     async def unmount(self) -> None:
-        """Commit everything and close the image; raises if the last commit failed."""
+        """Write back, commit everything and close the image; raises if that failed."""
         if self._cancel is not None:
             self._cancel.cancel()
             await self._done.wait()
         try:
             if not self.read_only:
+                await self.sync_data()
                 await self.commit()
             elif self.ro_reason and not self.options.read_only:
                 raise ReadOnly(f"unmounted read-only after an error: {self.ro_reason}")
@@ -271,14 +338,19 @@ class Filesystem:
         if self.read_only:
             raise ReadOnly(f"read-only filesystem ({self.ro_reason})")
 
-    def _changed(self) -> None:
+    def mark_changed(self) -> None:
+        """Metadata changed: the next periodic commit has work to do."""
         self.dirty = True
 
     # attributes:
 
     def attr(self, inode: Inode) -> Attr:
         bs = self.block_size
-        blocks = inode.extents.mapped_blocks() * (bs // 512) if inode.extents is not None else 0
+        blocks = 0
+        if inode.extents is not None:
+            mapping = self.cache.mappings.get(inode.ino)
+            delayed = mapping.nr_reserved if mapping is not None else 0
+            blocks = (inode.extents.mapped_blocks() + delayed) * (bs // 512)
         return Attr(
             ino=inode.ino,
             mode=inode.mode,
@@ -330,7 +402,7 @@ class Filesystem:
         if mtime_ns is not None:
             inode.mtime_ns = now_ns() if mtime_ns is NOW else int(mtime_ns)
         inode.touch()
-        self._changed()
+        self.mark_changed()
         return self.attr(inode)
 
     # namespace:
@@ -341,21 +413,21 @@ class Filesystem:
         self._check_writable()
         inode = self.ns.create(parent, name, mode, uid, gid, rdev)
         inode.lookups += 1
-        self._changed()
+        self.mark_changed()
         return self.attr(inode)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         self._check_writable()
         inode = self.ns.mkdir(parent, name, mode, uid, gid)
         inode.lookups += 1
-        self._changed()
+        self.mark_changed()
         return self.attr(inode)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         self._check_writable()
         inode = self.ns.symlink(parent, name, target, uid, gid)
         inode.lookups += 1
-        self._changed()
+        self.mark_changed()
         return self.attr(inode)
 
     async def readlink(self, ino: int) -> bytes:
@@ -368,18 +440,18 @@ class Filesystem:
         self._check_writable()
         inode = self.ns.link(ino, new_parent, new_name)
         inode.lookups += 1
-        self._changed()
+        self.mark_changed()
         return self.attr(inode)
 
     async def unlink(self, parent: int, name: bytes) -> None:
         self._check_writable()
         self._reap(self.ns.unlink(parent, name))
-        self._changed()
+        self.mark_changed()
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         self._check_writable()
         self._reap(self.ns.rmdir(parent, name))
-        self._changed()
+        self.mark_changed()
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
@@ -388,7 +460,7 @@ class Filesystem:
         replaced = self.ns.rename(old_parent, old_name, new_parent, new_name, flags)
         if replaced is not None:
             self._reap(replaced)
-        self._changed()
+        self.mark_changed()
 
     def _reap(self, gone: Unlinked) -> None:
         if gone.unreferenced:
@@ -397,6 +469,7 @@ class Filesystem:
     def _free_blocks(self, inode: Inode) -> None:
         if inode.extents is None:
             return
+        self.cache.forget_mapping(inode)
         for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
             self.alloc.free(pblk, n)
 
@@ -421,7 +494,7 @@ class Filesystem:
         inode = self.ns.create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
         inode.lookups += 1
         inode.open_count += 1
-        self._changed()
+        self.mark_changed()
         return self._new_fh(Handle(inode, flags)), self.attr(inode)
 
     async def open(self, ino: int, flags: int) -> int:
@@ -438,11 +511,14 @@ class Filesystem:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._file(fh)
-        inode = handle.inode
-        if inode.extents is None:
+        if handle.inode.extents is None:
             raise InvalidArgument("read of a file without data")
-        async with inode.io_lock.shared():
-            data = await direct.read_range(self.dev, inode.extents, inode.size, offset, size)
+        if offset < 0:
+            raise InvalidArgument(f"negative offset {offset}")
+        if handle.direct:
+            data = await self._direct_read(handle, offset, size)
+        else:
+            data = await buffered.read(self, handle, offset, size)
         self.counters["reads"] += 1
         self.counters["bytes_read"] += len(data)
         return data
@@ -450,50 +526,87 @@ class Filesystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         self._check_writable()
         handle = self._file(fh)
-        inode = handle.inode
-        if inode.extents is None:
+        if handle.inode.extents is None:
             raise InvalidArgument("write to a file without data")
-        if handle.flags & os.O_APPEND:
-            offset = inode.size
         direct.check_file_range(offset, len(data), self.block_size)
-        async with inode.io_lock.exclusive():
-            await direct.write_range(self.dev, self.alloc, inode.extents, offset, data)
-            inode.size = max(inode.size, offset + len(data))
-            inode.touch(m=True)
-        self._changed()
+        if handle.direct:
+            done = await self._direct_write(handle, offset, data)
+        else:
+            done = await buffered.write(self, handle, offset, data)
         self.counters["writes"] += 1
-        self.counters["bytes_written"] += len(data)
+        self.counters["bytes_written"] += done
+        return done
+
+    async def _direct_read(self, handle: Handle, offset: int, size: int) -> bytes:
+        inode = handle.inode
+        assert inode.extents is not None
+        direct.check_aligned(offset, size, self.block_size)
+        bs = self.block_size
+        async with inode.io_lock.shared():
+            mapping = self.cache.mappings.get(inode.ino)
+            if mapping is not None and (mapping.nr_dirty or mapping.nr_writeback):
+                first, end = offset // bs, -(-(offset + size) // bs)
+                await writeback_range(self, mapping, first, end, wait=True)
+            return await direct.read_range(self.dev, inode.extents, inode.size, offset, size)
+
+    async def _direct_write(self, handle: Handle, offset: int, data: bytes) -> int:
+        inode = handle.inode
+        assert inode.extents is not None
+        bs = self.block_size
+        direct.check_aligned(offset, len(data), bs)
+        mapping = self.cache.mapping(inode)
+        async with inode.io_lock.exclusive():
+            if handle.append:
+                offset = inode.size
+                direct.check_aligned(offset, len(data), bs)
+            first, end = offset // bs, -(-(offset + len(data)) // bs)
+            async with mapping.lock.block():
+                await write_and_drop(self, mapping, first, end)
+                await direct.write_range(self.dev, self.alloc, inode.extents, offset, data)
+                await race_fault("direct_write_before_drop")
+                # Drop again: with the lock on nothing can have come in; with it
+                # off, a read that raced the write may have inserted old data.
+                await wait_writeback(mapping, first, end)
+                self.cache.drop_range(mapping, first, end, discard_dirty=True)
+                inode.size = max(inode.size, offset + len(data))
+                inode.touch(m=True)
+        self.mark_changed()
+        self.invalidate_kernel(inode.ino)
         return len(data)
 
     async def truncate(self, inode: Inode, size: int) -> None:
-        """Change a regular file's size: free blocks past EOF, zero the tail."""
+        """Change a regular file's size (`io.truncate`)."""
         self._check_writable()
-        if inode.is_dir:
-            raise IsADirectory(f"inode {inode.ino} is a directory")
-        if inode.extents is None:
-            raise InvalidArgument(f"inode {inode.ino} is not a regular file")
-        direct.check_file_range(size, 0, self.block_size)
-        async with inode.io_lock.exclusive():
-            if size < inode.size:
-                await direct.zero_tail(self.dev, inode.extents, size)
-                keep = direct.blocks_for(size, self.block_size)
-                if keep < MAX_FILE_BLOCKS:
-                    for pblk, n in inode.extents.unmap(keep, MAX_FILE_BLOCKS - keep):
-                        self.alloc.free(pblk, n)
-            inode.size = size
-            inode.touch(m=True)
-        self._changed()
+        await truncate_inode(self, inode, size)
 
     async def flush(self, fh: int) -> None:
         self._file(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._file(fh)
+        """Write back the file, wait, commit, flush (DESIGN §6)."""
+        handle = self._file(fh)
+        mapping = self.cache.mappings.get(handle.inode.ino)
+        if mapping is not None:
+            await writeback_range(self, mapping, wait=True)
+            if mapping.error is not None:
+                error, mapping.error = mapping.error, None
+                raise IOFailure(f"writeback of inode {handle.inode.ino} failed: {error}")
         if self.read_only:
             if self.ro_reason and not self.options.read_only:
                 raise IOFailure(f"fsync on a filesystem gone read-only: {self.ro_reason}")
             return
         await self.commit()
+
+    async def drop_caches(self) -> int:
+        """Write back dirty pages and drop every clean page; returns pages dropped."""
+        await self.sync_data()
+        return self.cache.drop_clean()
+
+    def set_pagecache_lock(self, enabled: bool) -> None:
+        """Switch the pagecache add lock (demonstration of the races only)."""
+        if not enabled:
+            log.warning("pagecache add lock switched OFF: the page cache can go stale")
+        self.cache.set_lock_enabled(enabled)
 
     async def release(self, fh: int) -> None:
         handle = self._file(fh)
@@ -503,7 +616,7 @@ class Filesystem:
         if inode.nlink == 0 and inode.open_count == 0 and inode.ino in self.ns.inodes:
             del self.ns.inodes[inode.ino]
             self._free_blocks(inode)
-            self._changed()
+            self.mark_changed()
 
     # directories:
 
@@ -541,16 +654,16 @@ class Filesystem:
                 inode.lookups = max(0, inode.lookups - n)
 
     async def statfs(self) -> StatFs:
+        """Free space excludes reservations: blocks promised to dirty pages over
+        holes and to the next checkpoints are not free (DESIGN §6)."""
         st = self.alloc.statistics()
-        free = st.free
-        total = self.dev.blocks
         return StatFs(
             block_size=self.block_size,
-            blocks=total,
-            blocks_free=free + st.reserved,
-            blocks_avail=free,
-            files=len(self.ns.inodes) + free,
-            files_free=free,
+            blocks=self.dev.blocks,
+            blocks_free=st.free,
+            blocks_avail=st.free,
+            files=len(self.ns.inodes) + st.free,
+            files_free=st.free,
             name_max=NAME_MAX,
         )
 
@@ -562,7 +675,7 @@ class Filesystem:
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         self._check_writable()
         self.ns.setxattr(ino, name, value, flags)
-        self._changed()
+        self.mark_changed()
 
     async def listxattr(self, ino: int) -> list[bytes]:
         return self.ns.listxattr(ino)
@@ -570,14 +683,37 @@ class Filesystem:
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
         self.ns.removexattr(ino, name)
-        self._changed()
+        self.mark_changed()
 
     # statistics:
+
+    def lock_statistics(self) -> dict[str, float]:
+        """The pagecache add lock, summed over every inode's mapping."""
+        totals = dict.fromkeys(
+            (
+                "add_holders",
+                "block_holders",
+                "add_waiting",
+                "block_waiting",
+                "add_waits",
+                "block_waits",
+                "add_wait_seconds",
+                "block_wait_seconds",
+                "tryget_failures",
+            ),
+            0.0,
+        )
+        for mapping in self.cache.mappings.values():
+            st = mapping.lock.statistics()
+            for key in totals:
+                totals[key] += getattr(st, key)
+        return totals
 
     def stats(self) -> dict[str, object]:
         st = self.alloc.statistics()
         dev = self.dev.statistics()
-        return {
+        cache = self.cache.statistics()
+        out: dict[str, object] = {
             "inodes": len(self.ns.inodes),
             "open_handles": len(self._handles),
             "blocks_total": dev.blocks,
@@ -593,8 +729,30 @@ class Filesystem:
             "dev_writes": dev.writes,
             "dev_flushes": dev.flushes,
             **self.counters,
-            "faults_fired": REGISTRY.statistics().fired,
+            "cache_pages": cache.pages,
+            "cache_bytes": cache.memory_bytes,
+            "cache_limit_bytes": cache.limit_bytes,
+            "cache_dirty": cache.dirty,
+            "cache_writeback": cache.writeback,
+            "cache_reserved_pages": cache.reserved_pages,
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "readahead_issued": cache.readahead_issued,
+            "readahead_used": cache.readahead_used,
+            "readahead_wasted": cache.readahead_wasted,
+            "readahead_abandoned": cache.readahead_abandoned,
+            "evictions": cache.evictions,
+            "writeback_pages": cache.writeback_pages,
+            "writeback_runs": cache.writeback_runs,
+            "writeback_errors": cache.writeback_errors,
+            "writeback_unreserved": cache.writeback_unreserved,
+            "throttled": cache.throttled,
+            "pagecache_lock": "on" if self.cache.lock_enabled else "off",
         }
+        for key, value in self.lock_statistics().items():
+            out[f"lock_{key}"] = round(value, 6) if isinstance(value, float) else value
+        out["faults_fired"] = REGISTRY.statistics().fired
+        return out
 
 
 def mapped_runs(inodes: Any) -> list[Run]:

@@ -103,6 +103,7 @@ class Mapping:
         self.lock = PagecacheLock(enabled=lock_enabled)
         self.nr_dirty = 0
         self.nr_writeback = 0
+        self.nr_reserved = 0  # RESERVED pages: counted in st_blocks like delalloc
         # Signalled whenever a page of this mapping finishes writeback.
         self.writeback_done = trio.Event()
         # The first writeback error not yet reported by fsync (errseq-like).
@@ -115,7 +116,8 @@ class Mapping:
         )
 
     def get(self, index: int) -> Page | None:
-        return self.pages.get(index)
+        page: Page | None = self.pages.get(index)
+        return page
 
     def range(self, first: int, end: int) -> Iterator[Page]:
         """The resident pages with first <= index < end, in order."""
@@ -254,7 +256,7 @@ class PageCache:
         changing the range).
         """
         pages = page.mapping.pages
-        existing = pages.get(page.index)
+        existing: Page | None = pages.get(page.index)
         if existing is not None:
             return existing
         pages[page.index] = page
@@ -337,16 +339,19 @@ class PageCache:
         self.reservation.add(1)
         page.space = RESERVED
         self.nr_reserved += 1
+        page.mapping.nr_reserved += 1
 
     def _unreserve(self, page: Page) -> None:
         self.reservation.release(1)
         page.space = UNALLOCATED
         self.nr_reserved -= 1
+        page.mapping.nr_reserved -= 1
 
     def allocated(self, page: Page) -> None:
         """Writeback mapped the page's block; its reservation was consumed."""
         if page.space == RESERVED:
             self.nr_reserved -= 1
+            page.mapping.nr_reserved -= 1
         page.space = ALLOCATED
 
     def mark_dirty(self, page: Page) -> None:
@@ -405,7 +410,8 @@ class PageCache:
         for m in self.mappings.values():
             md = mw = 0
             for index, page in m.pages.items():
-                assert page.index == index and page.mapping is m
+                assert page.index == index
+                assert page.mapping is m
                 pages += 1
                 md += page.dirty
                 mw += page.writeback

@@ -1,8 +1,14 @@
-"""Unbuffered data IO: file ranges read and written straight through the extent map.
+"""Direct IO: file ranges read and written straight through the extent map.
 
-Locks: the caller holds the inode's ``io_lock`` — shared for `read_range`
-(keeps truncate and punch from freeing blocks under the read), exclusive for
-`write_range` (the mapping and the size change).
+Locks (taken by `Filesystem` around these functions):
+
+* direct read — the inode lock, shared (keeps punch and truncate from freeing
+  blocks under the read); dirty cached pages of the range are written back
+  first, so the device holds the latest data;
+* direct write — the inode lock, exclusive, and the mapping's pagecache lock,
+  BLOCK side: cached pages of the range are written back and dropped, the data
+  goes to the device, and the range is dropped again, so no page read before
+  the write can survive it.
 
 Reads gather the mapped runs of the range and read each physical run with one
 device call; holes and unwritten (preallocated) extents read as zeros.  Writes
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
-from fusefs.errors import FileTooBig
+from fusefs.errors import FileTooBig, InvalidArgument
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
 from fusefs.faults import alloc_buffer
 
@@ -168,3 +174,14 @@ async def zero_tail(dev: BlockDevice, emap: ExtentMap, size: int) -> None:
 
 def blocks_for(size: int, block_size: int) -> int:
     return -(-size // block_size)
+
+
+# O_DIRECT handles:
+
+
+def check_aligned(offset: int, length: int, block_size: int) -> None:
+    """O_DIRECT offsets and lengths are multiples of the block size (EINVAL)."""
+    if offset % block_size or length % block_size:
+        raise InvalidArgument(
+            f"O_DIRECT request {offset}+{length} not aligned to the {block_size}-byte block size"
+        )

@@ -395,8 +395,17 @@ def test_data_and_metadata_survive_remount(mnt: FuseMount) -> None:
     assert_errno(errno.EROFS, os.unlink, mnt.path("dir", "data"))
 
 
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_fsynced_data_survives_kill_9(mnt: FuseMount) -> None:
     expect = _populate(mnt.path())
+    _fsync_path(mnt.path("dir", "data"))  # the populated tree is fsynced too
     fd = os.open(mnt.path("synced"), os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, b"durable")
     os.fsync(fd)
@@ -433,9 +442,12 @@ def test_commit_write_error_fails_fsync_and_loses_nothing(mnt: FuseMount) -> Non
     os.write(fd, b"committed before the fault")
     os.fsync(fd)
     os.close(fd)
+    _fsync_path(mnt.path("dir", "data"))
     fd = os.open(mnt.path("doomed"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.write(fd, b"x" * 10_000)
+        os.fsync(fd)  # the data is written back; the next fsync has only a commit to do
+        os.fchmod(fd, 0o640)
         done = fusefs("fault", mnt.mountpoint, "name blockdev_write oneshot")
         assert done.returncode == 0, done.stderr
         assert errno_of(os.fsync, fd) in (errno.EIO, errno.EROFS)

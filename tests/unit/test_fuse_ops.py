@@ -83,7 +83,8 @@ async def test_create_open_read_write_attributes(ops: FuseOperations) -> None:
     assert looked.st_blocks == 4096 // 512
     fi = await ops.open(entry.st_ino, os.O_RDONLY | os.O_DIRECT, CTX)
     assert fi.direct_io
-    assert await ops.read(fi.fh, 1, 100) == b"ello"
+    assert await ops.read(fi.fh, 0, 4096) == b"hello"  # O_DIRECT: aligned, stops at EOF
+    assert await fuse_errno(ops.read(fi.fh, 1, 100)) == errno.EINVAL  # unaligned
     await ops.release(fi.fh)
 
 

@@ -1,0 +1,178 @@
+"""Buffered IO: reads and writes through the page cache.
+
+Locks:
+
+* buffered read — no inode lock; the mapping's pagecache lock, ADD side,
+  across looking up the extent map, reading the device and inserting pages;
+* buffered write — the inode lock, exclusive (size and reservations), then
+  ADD across filling, modifying and dirtying pages.
+
+Lock order: inode lock → pagecache lock → page.
+
+A read that misses fills every missing page of the request with one device
+read per physical run, then inserts them; a page that appeared meanwhile
+(another reader, a writer) wins over the one just read.  The window between
+the device read and the insert is the ``buffered_read_before_insert`` race
+site: without the ADD side held across it, a punch, truncate, shift or direct
+write can run there and the insert then brings back data the file no longer
+has (races 2 and 3 of DESIGN §3).
+
+A write into a page that is not cached reads the old block first when the page
+is only partly overwritten and lies inside the file (read-modify-write); pages
+over holes take one block of the cache's reservation each before they are
+dirtied, so ENOSPC comes from write() and never from writeback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fusefs.errors import NoSpace
+from fusefs.extents import ExtentMap
+from fusefs.faults import race_fault
+from fusefs.io import readahead
+from fusefs.pagecache import ALLOCATED, UNALLOCATED, Mapping, Page
+
+if TYPE_CHECKING:
+    from fusefs.filesystem import Filesystem, Handle
+    from fusefs.inode import Inode
+
+
+# read:
+
+
+async def fill_pages(
+    fs: Filesystem, mapping: Mapping, first: int, count: int, *, readahead_pages: bool = False
+) -> list[Page]:
+    """Read blocks [first, first + count) from the device and insert them as pages.
+
+    Caller must hold the mapping's ADD side (or BLOCK).  Returns the resident
+    pages (the ones inserted, or ones that got there first).
+    """
+    cache = fs.cache
+    emap = mapping.inode.extents
+    assert emap is not None
+    bs = fs.block_size
+    pages = [cache.new_page(mapping, first + i, UNALLOCATED) for i in range(count)]
+    for ext in emap.extents(first, first + count):
+        assert ext.pblk is not None
+        for i in range(ext.start - first, ext.start - first + ext.length):
+            pages[i].space = ALLOCATED
+        if ext.unwritten:
+            continue  # preallocated: reads as zeros
+        data = await fs.dev.read(ext.pblk, ext.length)
+        for j in range(ext.length):
+            pages[ext.start - first + j].data[:] = data[j * bs : (j + 1) * bs]
+    # The window the pagecache add lock closes: blocks read, pages not yet in.
+    if readahead_pages:
+        await race_fault("readahead_before_insert")
+    else:
+        await race_fault("buffered_read_before_insert")
+    resident = []
+    for page in pages:
+        page.readahead = readahead_pages
+        got = cache.insert(page)
+        resident.append(got)
+    if readahead_pages:
+        cache.counters["readahead_issued"] += count
+    return resident
+
+
+async def read(fs: Filesystem, handle: Handle, offset: int, size: int) -> bytes:
+    inode = handle.inode
+    mapping = fs.cache.mapping(inode)
+    bs = fs.block_size
+    async with mapping.lock.add():
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        first = offset // bs
+        last = (end - 1) // bs
+        pages = mapping.pages
+        cache = fs.cache
+        out: list[Page] = []
+        index = first
+        while index <= last:
+            page: Page | None = pages.get(index)
+            if page is not None:
+                cache.touch(page)
+                out.append(page)
+                index += 1
+                continue
+            # A run of misses: fill it with as few device reads as possible.
+            stop = index + 1
+            while stop <= last and stop not in pages:
+                stop += 1
+            cache.counters["misses"] += stop - index
+            out += await fill_pages(fs, mapping, index, stop - index)
+            index = stop
+        # The size may have changed while we filled (truncate waits for ADD,
+        # but a write may have extended the file): stay within the size seen.
+        head = offset - first * bs
+        if len(out) == 1:
+            data = bytes(out[0].data[head : head + end - offset])
+        else:
+            data = b"".join(p.data for p in out)[head : head + end - offset]
+    readahead.on_read(fs, handle, mapping, first, last)
+    return data
+
+
+# write:
+
+
+async def _page_for_write(
+    fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, full: bool, size: int
+) -> Page:
+    """The cached page at ``index``, or a new one with its old contents."""
+    cache = fs.cache
+    page = mapping.get(index)
+    if page is not None:
+        cache.touch(page)
+        return page
+    bs = fs.block_size
+    if not full and index * bs < size and emap.pblk_of(index) is not None:
+        # Read-modify-write: the bytes around the write come from the block.
+        cache.counters["misses"] += 1
+        (page,) = await fill_pages(fs, mapping, index, 1)
+        return page
+    space = ALLOCATED if emap.pblk_of(index) is not None else UNALLOCATED
+    return cache.insert(cache.new_page(mapping, index, space))
+
+
+async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int:
+    """Buffered write; returns the bytes written (short only on ENOSPC)."""
+    inode: Inode = handle.inode
+    emap = inode.extents
+    assert emap is not None
+    cache = fs.cache
+    bs = fs.block_size
+    await cache.throttle()
+    mapping = cache.mapping(inode)
+    view = memoryview(data)
+    done = 0
+    async with inode.io_lock.exclusive():
+        if handle.append:
+            offset = inode.size
+        async with mapping.lock.add():
+            pos = offset
+            end = offset + len(data)
+            while pos < end:
+                index = pos // bs
+                start = pos - index * bs
+                n = min(bs - start, end - pos)
+                page = await _page_for_write(fs, mapping, emap, index, n == bs, inode.size)
+                try:
+                    cache.reserve(page)
+                except NoSpace:
+                    if done == 0:
+                        raise
+                    break
+                page.data[start : start + n] = view[done : done + n]
+                cache.mark_dirty(page)
+                done += n
+                pos += n
+                if pos > inode.size:
+                    inode.size = pos
+        inode.touch(m=True)
+    fs.mark_changed()
+    return done
