@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fusefs.extents import ExtentMap  # noqa: E402
+from fusefs.extents import ExtentMap
 
 PBLK_BASE = 1_000_000  # physical blocks start here, so values are not cached small ints
 TIB_BLOCKS = 2**40 // 4096  # 1 TiB of 4 KiB blocks
@@ -112,7 +112,8 @@ def bench_lookup(n: int, count: int) -> dict[str, float]:
     # Same answers, checked outside the timing.
     for b in blocks[:1000]:
         e = em.lookup(b)
-        assert e.pblk is not None and e.pblk + b - e.start == d[b] == em.pblk_of(b)
+        assert e.pblk is not None
+        assert e.pblk + b - e.start == d[b] == em.pblk_of(b)
     repeat = 5
     t_sub = best_of(repeat, dict_subscript) / count
     t_get = best_of(repeat, dict_get) / count
@@ -148,7 +149,8 @@ def bench_shift(n: int, k: int, repeat: int) -> dict[str, float]:
         em.map(0, PBLK_BASE, k)  # restore the file for the next round
         t_collapse = min(t_collapse, t1 - t0)
         t_insert = min(t_insert, t2 - t1)
-    assert em.mapped_blocks() == n and em.to_runs() == [(0, PBLK_BASE, n, False)]
+    assert em.mapped_blocks() == n
+    assert em.to_runs() == [(0, PBLK_BASE, n, False)]
 
     def dict_collapse() -> None:
         {b - k: p for b, p in d.items() if b >= k}
@@ -185,8 +187,9 @@ def bench_sparse(count: int) -> dict[str, float]:
 
     em, em_traced = traced_bytes(build_map)
     _, dict_bytes = traced_bytes(build_dict)
-    assert isinstance(em, ExtentMap) and em.mapped_blocks() == count
-    stats = em._radix.statistics()
+    assert isinstance(em, ExtentMap)
+    assert em.mapped_blocks() == count
+    stats = em.statistics().radix
     return {
         "blocks": count,
         "ours_per_block": em.memory_bytes() / count,
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     lookups = 50_000 if quick else 300_000
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
     sparse_counts = [1_000, 10_000]
-    print(f"bench_extents{' --quick (sizes reduced)' if quick else ''}: python {sys.version.split()[0]}")
+    mode = " --quick (sizes reduced)" if quick else ""
+    print(f"bench_extents{mode}: python {sys.version.split()[0]}")
     print()
 
     mem = bench_memory(big)

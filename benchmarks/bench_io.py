@@ -19,18 +19,22 @@ means "through the filesystem's own cache, if it has one".
 | randwrite_4k | 4 KiB random writes over the 48 MiB file | nullfs | >= 0.5 |
 | seqwrite_1m | 1 MiB writes, new file several times the cache, fsync at end | plain | >= 0.5 |
 | cold_seqread_1m | 1 MiB reads of that file after dropping the caches | plain | >= 0.3 |
-| direct_read_1m | O_DIRECT 1 MiB sequential reads | plain | reported |
 | direct_write_1m | O_DIRECT 1 MiB sequential writes | plain | reported |
+| direct_read_1m | O_DIRECT 1 MiB sequential reads | plain | reported |
 | meta_10k | create + stat + unlink of 10,000 empty files (files/s) | plain, nullfs | reported |
 
 "Dropping the caches" is, for fusefs, writing ``1`` to ``.fusefs/drop_caches`` (when
 the file exists) and then dropping the host's page cache too -- the image is a file
 on the local disk, and a read it serves from the host's page cache is not cold; for
-the plain directory, ``sync; echo 3 > /proc/sys/vm/drop_caches``.  What was done is
-printed with the results.
+the plain directory, ``sync; echo 3 > /proc/sys/vm/drop_caches``.  The host's page
+cache is dropped before fusefs's O_DIRECT reads as well, for the same reason.  What was
+done is printed with the results.
+
+Each number is the best of a few rounds (one with ``--quick``), the targets taking
+turns, since these machines are shared: see `Plan`.
 
 Run: ``python -m benchmarks.bench_io [--quick] [--only W,..] [--keep]
-[--fusefs-options OPTS] [--mount-cmd CMD]`` (or ``scripts/bench``).  Prints a table,
+[--fusefs-options OPTS] [--mount-cmd CMD] [--dir DIR]`` (or ``scripts/bench``).  Prints a table,
 then one line ``RESULT {json}`` with every ratio, the raw numbers and ``targets_met``.
 Exits 1 with a one-line message if a target cannot be mounted or a measurement fails;
 unmet goals are results, not failures.
@@ -116,7 +120,7 @@ class Plan:
     rounds: int
 
 
-FULL: Final = Plan(48 * MiB, 5, 512 * MiB, 512 * MiB, 10_000, rounds=2)
+FULL: Final = Plan(48 * MiB, 5, 512 * MiB, 512 * MiB, 10_000, rounds=3)
 QUICK: Final = Plan(48 * MiB, 2, 256 * MiB, 256 * MiB, 10_000, rounds=1)
 
 
@@ -521,7 +525,7 @@ class Bench:
     def warm_seqread_1m(self, target: Target, outcome: Outcome) -> float:
         self.warm(target)
         result = self.fio(target, WARM_FILE, "read", "1m", self.plan.warm_bytes, timed=True)
-        return result.bw_bytes / MB
+        return result.value("MB/s")
 
     def randwrite_4k(self, target: Target, outcome: Outcome) -> float:
         self.warm(target)  # overwrite a laid out, cached file
@@ -569,6 +573,10 @@ class Bench:
         path = target.path(DIRECT_FILE)
         if not path.exists() or path.stat().st_size != size:  # direct_write_1m did not run
             self.fio(target, DIRECT_FILE, "write", "1m", size, direct=True)
+        if target.name == "fusefs":
+            # Else the image file's blocks come from the host's page cache, which the
+            # plain directory's O_DIRECT reads never see.
+            self.notes.append(f"direct_read_1m on fusefs: first {drop_host_caches()}")
         return self.fio(target, DIRECT_FILE, "read", "1m", size, direct=True).value("MB/s")
 
     # metadata:

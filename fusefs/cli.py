@@ -1,4 +1,5 @@
-"""``fusefs``: the command line (mkfs, mount, umount, fsck, fault, stats).
+"""``fusefs``: the command line (mkfs, mount, umount, fsck, fault, stats, fallocate,
+drop-caches, lock).
 
 Every command reports an error as one line, ``fusefs <command>: <message>``, on
 stderr and exits non-zero; a traceback is a bug (set ``FUSEFS_DEBUG=1`` to see
@@ -9,6 +10,11 @@ mount is ready, or fails with the daemon's reason; ``-f`` serves in the
 foreground instead.  ``umount`` runs ``fusermount3 -u``, waits for the daemon to
 commit and exit, and reads its verdict from the status file ``IMAGE.status``
 (described in daemon.py): exit 0 only after a clean shutdown.
+
+``fallocate`` takes util-linux fallocate(1)'s flags and sizes and goes through the
+``.fusefs/fallocate`` control file of the mount holding the file (pyfuse3 offers
+the kernel's fallocate(2) no way in: docs/fallocate.md); ``drop-caches`` and
+``lock`` write ``.fusefs/drop_caches`` and ``.fusefs/pagecache_lock``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -383,6 +391,132 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_control(mountpoint: str, name: str, text: str) -> None:
+    path = _control_path(mountpoint, name)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        _fail(f"{mountpoint}: not a fusefs mount (no {CONTROL_DIR}/{name})")
+    except OSError as e:
+        _fail(_os_message(e))
+    try:
+        os.write(fd, text.encode())
+    except OSError as e:
+        _fail(f"{text!r}: {e.strerror} (the daemon log has the details)")
+    finally:
+        os.close(fd)
+
+
+def cmd_drop_caches(args: argparse.Namespace) -> int:
+    _write_control(args.mountpoint, "drop_caches", "1")
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    if args.state is None:
+        sys.stdout.write(_read_control(args.mountpoint, "pagecache_lock"))
+    else:
+        _write_control(args.mountpoint, "pagecache_lock", args.state)
+    return 0
+
+
+# fallocate:
+
+_UTIL_SIZE: Final = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(?:([kmgtpezy])(ib|b)?)?$", re.IGNORECASE)
+
+
+def parse_util_size(text: str) -> int:
+    """A size as util-linux reads it: ``4096``, ``0x1000``, ``4K`` = ``4KiB`` = 4096,
+    ``4KB`` = 4000, and so on up to Y."""
+    m = _UTIL_SIZE.match(text.strip())
+    if m is None:
+        raise CliError(f"invalid size {text!r} (try 4096, 64K, 1MiB, 1MB)")
+    number = int(m.group(1), 0)
+    unit, suffix = m.group(2), (m.group(3) or "").lower()
+    if unit is None:
+        return number
+    base = 1000 if suffix == "b" else 1024
+    return int(number * base ** ("kmgtpezy".index(unit.lower()) + 1))
+
+
+def _mount_root(path: str) -> str:
+    """The root of the fusefs mount holding `path`: the nearest directory up from it
+    where a ``.fusefs/dynamic_fault`` can be opened."""
+    d = os.path.dirname(path)
+    while True:
+        if os.path.exists(os.path.join(d, CONTROL_DIR, "dynamic_fault")):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            _fail(f"{path}: not on a fusefs mount (no {CONTROL_DIR} above it)")
+        d = parent
+
+
+def _fallocate_mode(args: argparse.Namespace) -> str:
+    if args.keep_size and (args.collapse_range or args.insert_range):
+        _fail("options --keep-size and --collapse-range/--insert-range are mutually exclusive")
+    if args.collapse_range:
+        return "collapse"
+    if args.insert_range:
+        return "insert"
+    if args.punch_hole:
+        return "punch"  # keeps the size: -p implies -n, as util-linux
+    if args.zero_range:
+        return "zero,keep_size" if args.keep_size else "zero"
+    return "keep_size" if args.keep_size else "alloc"
+
+
+def cmd_fallocate(args: argparse.Namespace) -> int:
+    mode = _fallocate_mode(args)
+    if args.length is None:
+        _fail("no length argument specified")
+    length = parse_util_size(args.length)
+    offset = parse_util_size(args.offset) if args.offset is not None else 0
+    if length <= 0:
+        _fail("invalid length value specified")
+    # fallocate(1) creates the file; holding it open keeps it alive meanwhile.
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        _fail(_os_message(e))
+    try:
+        path = os.path.realpath(args.file)
+        root = _mount_root(path)
+        target = os.path.relpath(path, root)
+        command = f"path={shlex.quote(target)} mode={mode} offset={offset} length={length}"
+        result = _run_fallocate(root, command, args.file)
+    finally:
+        os.close(fd)
+    if args.verbose:
+        print(f"{args.file}: {result}")
+    return 0
+
+
+def _run_fallocate(root: str, command: str, name: str) -> str:
+    """Write one request on a read-write handle; return its result line (the
+    handle's own, whatever other processes write meanwhile)."""
+    try:
+        fd = os.open(_control_path(root, "fallocate"), os.O_RDWR)
+    except OSError as e:
+        _fail(_os_message(e))
+    try:
+        try:
+            os.write(fd, command.encode())
+        except OSError as e:
+            reason = _result(fd).partition(": ")[2].removeprefix("fallocate: ")
+            _fail(f"{e.strerror}: {name}: {reason or 'see the daemon log'}")
+        return _result(fd)
+    finally:
+        os.close(fd)
+
+
+def _result(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
 # the parser:
 
 
@@ -421,7 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="options",
         default="",
         metavar="OPTIONS",
-        help="comma-separated: ro, rw, commit=SECONDS, allow_other",
+        help=(
+            "comma-separated: ro, rw, commit=SECONDS, cache_size=SIZE, readahead=on|off, "
+            "pagecache_lock=on|off (off only to demonstrate races), allow_other"
+        ),
     )
     p.add_argument("--log", metavar="PATH", help="daemon log (default IMAGE.log)")
     p.add_argument("--debug", action="store_true", help="log at debug level")
@@ -440,6 +577,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("stats", cmd_stats, "print the filesystem's statistics")
     p.add_argument("mountpoint")
+
+    p = command(
+        "fallocate",
+        cmd_fallocate,
+        "preallocate, punch, zero, collapse or insert a file range (util-linux flags)",
+    )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("-c", "--collapse-range", action="store_true", help="remove a range")
+    kind.add_argument("-i", "--insert-range", action="store_true", help="insert a hole")
+    kind.add_argument("-p", "--punch-hole", action="store_true", help="punch a hole (implies -n)")
+    kind.add_argument("-z", "--zero-range", action="store_true", help="zero a range")
+    p.add_argument("-n", "--keep-size", action="store_true", help="do not change the size")
+    p.add_argument("-o", "--offset", metavar="N", help="where the range starts (default 0)")
+    p.add_argument("-l", "--length", metavar="N", help="range length: 4096, 64K, 1MiB, 1MB")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the result line")
+    p.add_argument("file")
+
+    p = command("drop-caches", cmd_drop_caches, "write back dirty pages, drop clean ones")
+    p.add_argument("mountpoint")
+
+    p = command("lock", cmd_lock, "show or switch the pagecache add lock (on|off)")
+    p.add_argument("mountpoint")
+    p.add_argument("state", nargs="?", choices=["on", "off"])
     return parser
 
 

@@ -16,7 +16,11 @@ written.  Adding a file is adding a row to `ControlDir._table`.
 Reads work on a snapshot taken at ``open``: a reader that reads in several pieces
 (or at an offset) sees one consistent text, not the halves of two.  Writes are
 not buffered: each ``write()`` is one command (procfs style; the offset is
-ignored), and the command's error is that ``write()``'s error.
+ignored), and the command's error is that ``write()``'s error.  A handle opened
+for reading *and* writing takes a new snapshot right after each of its commands,
+so ``pread(fd, ..., 0)`` after ``write(fd, cmd)`` returns that command's own
+result even while other processes use the same file (``fusefs fallocate`` reads
+its error message that way).
 
 The files use FUSE ``direct_io`` like every other file, so the kernel passes each
 read and write through even though ``getattr`` reports size 0.
@@ -32,6 +36,19 @@ Files for this issue:
 ``pid`` (0400)
     read: the daemon's process id.  ``fusefs umount`` uses it to wait until the
     daemon has committed and exited.
+``fallocate`` (0600)
+    write: one fallocate request (`parse_fallocate`; docs/fallocate.md), run with
+    the file's own errno as the ``write()``'s error; read: the last result, one
+    line: ``ok ino=5 mode=collapse offset=4096 length=8192 size=12288`` or
+    ``error EINVAL: <reason>`` (``none`` before the first request).  Afterwards the
+    kernel's cached attributes of the target are invalidated at once, so the next
+    ``stat`` sees the new size and times (DESIGN §5); its cached data goes
+    through `Filesystem.invalidate_kernel`.
+``drop_caches`` (0200)
+    write ``1``: write back every dirty page and drop every clean one.
+``pagecache_lock`` (0600)
+    read: ``on`` or ``off``; write ``on`` or ``off`` to switch the pagecache add
+    lock of every inode (``off`` only to demonstrate the races, DESIGN §3).
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -48,6 +66,14 @@ from typing import Final, final
 from fusefs.errors import FsError, InvalidArgument, NotADirectory, NotFound
 from fusefs.faults import REGISTRY
 from fusefs.filesystem import Attr, Filesystem
+from fusefs.format import parse_size
+from fusefs.io.fallocate import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+)
 from fusefs.namespace import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -78,7 +104,8 @@ class ControlFile:
 @dataclass(slots=True)
 class _Handle:
     file: ControlFile
-    snapshot: bytes  # the file's text at open; empty if opened write-only
+    snapshot: bytes  # the file's text at open (or after this handle's last write)
+    readable: bool
 
 
 @final
@@ -108,7 +135,21 @@ class ControlDir:
             ControlFile(b"dynamic_fault", 0o600, read=REGISTRY.listing, write=self._fault_command),
             ControlFile(b"stats", 0o400, read=self._render_stats),
             ControlFile(b"pid", 0o400, read=lambda: f"{self._pid}\n"),
+            ControlFile(
+                b"fallocate",
+                0o600,
+                read=lambda: self._fallocate_result + "\n",
+                write=self._fallocate_command,
+            ),
+            ControlFile(b"drop_caches", 0o200, write=self._drop_caches_command),
+            ControlFile(
+                b"pagecache_lock",
+                0o600,
+                read=lambda: "on\n" if self._fs.cache.lock_enabled else "off\n",
+                write=self._pagecache_lock_command,
+            ),
         )
+        self._fallocate_result = "none"
         self._by_name = {f.name: i for i, f in enumerate(self._table)}
         self._dir_handles: set[int] = set()
         self._file_handles: dict[int, _Handle] = {}
@@ -223,7 +264,7 @@ class ControlDir:
             raise FsError(f"{f.name.decode()}: not opened that way", errno=errno.EACCES)
         snapshot = f.read().encode() if wants_read and f.read is not None else b""
         fh = self._new_handle()
-        self._file_handles[fh] = _Handle(f, snapshot)
+        self._file_handles[fh] = _Handle(f, snapshot, wants_read)
         return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -238,7 +279,12 @@ class ControlDir:
             text = data.decode()
         except UnicodeDecodeError:
             raise InvalidArgument(f"{h.file.name.decode()}: command is not UTF-8") from None
-        await h.file.write(text)
+        try:
+            await h.file.write(text)
+        finally:
+            # No await between the command's end and this: the snapshot is its result.
+            if h.readable and h.file.read is not None:
+                h.snapshot = h.file.read().encode()
         return len(data)
 
     def release(self, fh: int) -> None:
@@ -257,6 +303,53 @@ class ControlDir:
     def _render_stats(self) -> str:
         return "".join(f"{key}: {value}\n" for key, value in _flatten(self._fs.stats()))
 
+    async def _fallocate_command(self, text: str) -> None:
+        try:
+            request = parse_fallocate(text)
+        except FsError as e:
+            self._fallocate_result = f"error {_errname(e.code)}: {e}"
+            log.warning("fallocate: %s", e)
+            raise
+        try:
+            inode = self._fs.ns.get(self._target(request))
+            await self._fs.fallocate(inode.ino, request.mode, request.offset, request.length)
+        except FsError as e:
+            self._fallocate_result = f"error {_errname(e.code)}: {e}"
+            log.info("fallocate %s: %s", request, self._fallocate_result)
+            raise
+        self._fallocate_result = f"ok ino={inode.ino} {request} size={inode.size}"
+        log.info("fallocate: %s", self._fallocate_result)
+        # The size and times changed behind the kernel's back (DESIGN §5).
+        self.invalidate_attr(inode.ino)
+
+    def _target(self, request: FallocateRequest) -> int:
+        """``ino=`` as given; ``path=`` looked up component by component from the
+        root (the core's lookups, no kernel lookup count taken), following no
+        symlink."""
+        if request.path is None:
+            assert request.ino is not None
+            return request.ino
+        ino = ROOT_INO
+        for name in os.fsencode(request.path).split(b"/"):
+            if name and name != b".":
+                ino = self._fs.ns.lookup(ino, name).ino
+        return ino
+
+    async def _drop_caches_command(self, text: str) -> None:
+        if text.strip() != "1":
+            log.warning("drop_caches: write 1, not %r", text.strip()[:40])
+            raise InvalidArgument(f"drop_caches: write 1, not {text.strip()[:40]!r}")
+        dropped = await self._fs.drop_caches()
+        log.info("drop_caches: %d page(s) dropped", dropped)
+
+    async def _pagecache_lock_command(self, text: str) -> None:
+        word = text.strip()
+        if word not in ("on", "off"):
+            log.warning("pagecache_lock: write on or off, not %r", word[:40])
+            raise InvalidArgument(f"pagecache_lock: write on or off, not {word[:40]!r}")
+        self._fs.set_pagecache_lock(word == "on")
+        log.info("pagecache_lock: %s", word)
+
     # handles:
 
     def _new_handle(self) -> int:
@@ -269,6 +362,119 @@ class ControlDir:
         if h is None:
             raise FsError(f"stale control file handle {fh}", errno=errno.EBADF)
         return h
+
+
+# the fallocate language:
+
+FALLOCATE_MODES: Final[Mapping[str, int]] = {
+    "alloc": 0,
+    "keep_size": FALLOC_FL_KEEP_SIZE,
+    # Punching a hole never changes the size: the name says both flags.  The bare
+    # PUNCH_HOLE flag (EOPNOTSUPP, as fallocate(2)) is ``mode=2``.
+    "punch": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    "punch_hole": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    "zero": FALLOC_FL_ZERO_RANGE,
+    "zero_range": FALLOC_FL_ZERO_RANGE,
+    "collapse": FALLOC_FL_COLLAPSE_RANGE,
+    "collapse_range": FALLOC_FL_COLLAPSE_RANGE,
+    "insert": FALLOC_FL_INSERT_RANGE,
+    "insert_range": FALLOC_FL_INSERT_RANGE,
+}
+_CANONICAL_MODES: Final = {
+    0: "alloc",
+    FALLOC_FL_KEEP_SIZE: "keep_size",
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch",
+    FALLOC_FL_ZERO_RANGE: "zero",
+    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero,keep_size",
+    FALLOC_FL_COLLAPSE_RANGE: "collapse",
+    FALLOC_FL_INSERT_RANGE: "insert",
+}
+_TRUE: Final = frozenset({"1", "yes", "true", "on"})
+_FALSE: Final = frozenset({"0", "no", "false", "off"})
+
+
+def mode_name(mode: int) -> str:
+    """``collapse``, ``zero,keep_size``... or the flags in hex for anything else."""
+    return _CANONICAL_MODES.get(mode, f"{mode:#x}")
+
+
+def parse_mode(text: str) -> int:
+    """Names or numbers joined by ``,``, ``+`` or ``|``: ``zero+keep_size``, ``0x11``."""
+    mode = 0
+    for word in text.replace("+", ",").replace("|", ",").split(","):
+        word = word.strip().lower()
+        if word in FALLOCATE_MODES:
+            mode |= FALLOCATE_MODES[word]
+            continue
+        try:
+            value = int(word, 0)
+        except ValueError:
+            names = "/".join(_CANONICAL_MODES.values())
+            raise InvalidArgument(f"fallocate: unknown mode {word!r} (one of {names})") from None
+        if value < 0:
+            raise InvalidArgument(f"fallocate: negative mode {word!r}")
+        mode |= value
+    return mode
+
+
+@dataclass(frozen=True, slots=True)
+class FallocateRequest:
+    ino: int | None
+    path: str | None
+    mode: int
+    offset: int
+    length: int
+
+    def __str__(self) -> str:
+        return f"mode={mode_name(self.mode)} offset={self.offset} length={self.length}"
+
+
+def parse_fallocate(text: str) -> FallocateRequest:
+    """One request: ``key=value`` words, split like a shell does (quote a path
+    with spaces): ``ino=N`` or ``path=P`` (relative to the mount root), ``mode=``
+    (`parse_mode`, default ``alloc``), ``offset=`` (default 0), ``length=``
+    (required; sizes as ``4096``, ``64K``, ``1M``), ``keep_size=1`` (adds
+    KEEP_SIZE).  Any mistake is EINVAL with a one-line reason."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise InvalidArgument(f"fallocate: {e}") from None
+    if not words:
+        raise InvalidArgument("fallocate: empty request")
+    values: dict[str, str] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise InvalidArgument(f"fallocate: {word!r} is not key=value")
+        if key not in ("ino", "path", "mode", "offset", "length", "keep_size"):
+            raise InvalidArgument(f"fallocate: unknown key {key!r}")
+        if key in values:
+            raise InvalidArgument(f"fallocate: {key}= given twice")
+        values[key] = value
+    if ("ino" in values) == ("path" in values):
+        raise InvalidArgument("fallocate: give exactly one of ino= and path=")
+    if "length" not in values:
+        raise InvalidArgument("fallocate: length= is required")
+    ino = None
+    if "ino" in values:
+        if not values["ino"].isdigit():
+            raise InvalidArgument(f"fallocate: bad inode number {values['ino']!r}")
+        ino = int(values["ino"])
+    mode = parse_mode(values.get("mode", "alloc"))
+    keep = values.get("keep_size", "0").lower()
+    if keep not in _TRUE | _FALSE:
+        raise InvalidArgument(f"fallocate: keep_size= takes 1 or 0, not {keep!r}")
+    if keep in _TRUE:
+        mode |= FALLOC_FL_KEEP_SIZE
+    offset = parse_size(values.get("offset", "0"))
+    length = parse_size(values["length"])
+    return FallocateRequest(ino, values.get("path"), mode, offset, length)
+
+
+def _errname(code: int) -> str:
+    if code == errno.EOPNOTSUPP:  # the same number as ENOTSUP, which errorcode prefers
+        return "EOPNOTSUPP"
+    return errno.errorcode.get(code, str(code))
 
 
 def _flatten(values: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:

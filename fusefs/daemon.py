@@ -11,7 +11,9 @@ Life of the daemon, all inside one `trio.run`:
 1. fault specs (``FUSEFS_FAULTS``, then ``--fault``) are applied before anything
    else, so mount and recovery sites can fire;
 2. `Filesystem.mount` (verify, recover), its background task started;
-3. `pyfuse3.init` mounts the kernel side; readiness is signalled;
+3. `pyfuse3.init` mounts the kernel side; the task that invalidates the kernel's
+   caches off the request path starts (`FuseOperations.run_invalidations`);
+   readiness is signalled;
 4. `pyfuse3.main` serves requests until either the kernel unmounts
    (``fusermount3 -u``, ``fusefs umount``) or SIGTERM/SIGINT/SIGHUP arrives, which
    calls `pyfuse3.terminate`;
@@ -206,6 +208,8 @@ async def _mount_and_serve(config: DaemonConfig, ready: Readiness, stopper: _Sto
             await _shutdown(config, fs, session=False, status=False)
             reason = f"cannot mount on {config.mountpoint}: {e} (see {config.log_path})"
             return _refuse(ready, reason)
+        # Invalidations of the kernel's caches, off the request path (fuse_ops).
+        await nursery.start(ops.run_invalidations)
         stopper.serving = True
         write_status(config.image, f"running {os.getpid()}")
         log.info("mounted %s on %s", config.image, config.mountpoint)
@@ -218,9 +222,11 @@ async def _mount_and_serve(config: DaemonConfig, ready: Readiness, stopper: _Sto
             errors.append(f"FUSE main loop: {type(e).__name__}: {e}")
         stopper.serving = False
         # The loop also ends when the kernel side was unmounted: nothing left to unmount.
-        return await _shutdown(
+        status = await _shutdown(
             config, fs, errors, session=True, unmount=stopper.requested or bool(errors)
         )
+        nursery.cancel_scope.cancel()  # run_invalidations (fs.run has ended)
+        return status
 
 
 async def _shutdown(

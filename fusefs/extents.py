@@ -56,10 +56,11 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Final, NamedTuple, final
 
 from fusefs.errors import ExtentError
-from fusefs.genradix import GenRadix
+from fusefs.genradix import GenRadix, GenRadixStatistics
 
 __all__ = [
     "MAX_EXTENT_BLOCKS",
@@ -67,6 +68,7 @@ __all__ = [
     "MAX_PHYS_BLOCKS",
     "Extent",
     "ExtentMap",
+    "ExtentMapStatistics",
 ]
 
 #: Largest logical block count of a file: blocks are numbered [0, MAX_FILE_BLOCKS).
@@ -106,6 +108,15 @@ class Extent(NamedTuple):
     @property
     def is_hole(self) -> bool:
         return self.pblk is None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentMapStatistics:
+    """A snapshot of an `ExtentMap`'s size."""
+
+    mapped_blocks: int
+    memory_bytes: int
+    radix: GenRadixStatistics
 
 
 # tuple.__new__ skips the Python-level NamedTuple constructor: lookup is hot.
@@ -223,6 +234,9 @@ class ExtentMap:
         """Bytes held by the map's radix tree (a page per leaf and per node)."""
         return self._radix.memory_bytes()
 
+    def statistics(self) -> ExtentMapStatistics:
+        return ExtentMapStatistics(self._mapped, self.memory_bytes(), self._radix.statistics())
+
     # ------------------------------------------------------------ mutation
 
     def map(self, lblk: int, pblk: int, n: int, unwritten: bool = False) -> None:
@@ -303,7 +317,7 @@ class ExtentMap:
             self._write_run(a, p + a - s, b - a, False)
             if b < s + k:
                 self._write_run(b, p + b - s, s + k - b, True)
-            fix += (a, b)
+            fix += (s, a, b, s + k)
         for x in sorted(set(fix)):
             self._fixup(x)
 
@@ -493,7 +507,7 @@ class ExtentMap:
     def _move_tail(self, src: int, dst: int) -> None:
         """Move every record at index >= src by (dst - src); vacated slots read
         as holes.  For dst < src, [dst, src) must be a hole."""
-        radix, shift, mask, ps = self._radix, self._shift, self._mask, self._page_size
+        radix, shift, mask = self._radix, self._shift, self._mask
         first = src >> shift
         leaves = radix.detach_leaves(first)
         if not leaves:
@@ -507,53 +521,90 @@ class ExtentMap:
             page[:head] = self._zero[:head]
             if kept != self._zero:
                 radix.set_leaf(first, kept)
+        # Stretches of consecutive leaves: (first page number, leaves).
+        stretches: list[tuple[int, list[bytearray]]] = []
+        for pno, page in leaves:
+            if stretches and stretches[-1][0] + len(stretches[-1][1]) == pno:
+                stretches[-1][1].append(page)
+            else:
+                stretches.append((pno, [page]))
+        del leaves
         if not delta & mask:
-            # Whole leaves: re-hang them at their new page numbers.
+            # Whole leaves: re-hang them at their new page numbers, no copy.
             dp = delta >> shift
-            for pno, page in leaves:
-                old = radix.leaf(pno + dp) if pno + dp <= first else None
-                if old is None:
-                    if page != self._zero:
-                        radix.set_leaf(pno + dp, page)
-                else:
-                    # Only the first moved leaf can land on a kept leaf, and
-                    # only in the part that leaf holds as a hole.
-                    old[head:] = page[head:]
+            for pno, pages in stretches:
+                if pno == first and head:
+                    # The moved part of a split leaf may land on a kept leaf,
+                    # in the part that leaf holds as a hole.
+                    moved = pages.pop(0)
+                    old = radix.leaf(pno + dp)
+                    if old is not None:
+                        old[head:] = moved[head:]
+                    elif moved != self._zero:
+                        radix.set_leaf(pno + dp, moved)
+                    pno += 1
+                radix.attach_leaves(pno + dp, pages)
             return
-        # Misaligned: join each stretch of consecutive leaves once, then cut
-        # it into pages at the new alignment, reusing the detached leaves.
-        stretches: list[tuple[int, bytes]] = []
-        i = 0
-        while i < len(leaves):
-            j = i + 1
-            while j < len(leaves) and leaves[j][0] == leaves[j - 1][0] + 1:
-                j += 1
-            stretches.append((leaves[i][0] << shift, b"".join(pg for _, pg in leaves[i:j])))
-            i = j
-        pool = [pg for _, pg in leaves]
-        for rec0, data in stretches:
-            view = memoryview(data)
-            pos, total = 0, len(data)
-            if rec0 < src:  # the first leaf: its kept head does not move
-                pos = head
-            idx = rec0 + (pos >> 3) + delta
-            while pos < total:
-                pno = idx >> shift
-                off = (idx & mask) << 3
-                take = min(ps - off, total - pos)
-                page_or_none = radix.leaf(pno) if pno <= first else None
-                if page_or_none is None:
-                    page = pool.pop() if pool else bytearray(ps)
-                    if take != ps:
-                        page[:] = self._zero
-                    radix.set_leaf(pno, page)
-                else:
-                    page = page_or_none
-                page[off : off + take] = view[pos : pos + take]
-                if page == self._zero:
-                    radix.remove_leaf(pno)
-                pos += take
-                idx += take >> 3
+        # Misaligned: join each stretch once and cut it into leaves again at
+        # the new alignment.  Stretches land on disjoint leaves (a whole
+        # unallocated leaf separates any two), so one at a time is safe.
+        # The old leaves of a stretch are recycled as its new ones: a fresh 4
+        # KiB bytearray costs ten times a copy into one that is already there.
+        for pno, pages in stretches:
+            rec0 = pno << shift
+            data = b"".join(pages)
+            pos = head if rec0 < src else 0
+            self._store_moved(rec0 + (pos >> 3) + delta, memoryview(data)[pos:], pages)
+
+    def _store_moved(self, idx: int, data: memoryview, pool: list[bytearray]) -> None:
+        """Store the records `data` at index `idx`, taking new leaves from `pool`.
+
+        The leaves `data` covers whole are fresh (everything from there on
+        was detached); the partial leaves at either end may be kept leaves.
+        """
+        radix, shift, mask, ps = self._radix, self._shift, self._mask, self._page_size
+        pos, total = 0, len(data)
+        off = (idx & mask) << 3
+        if off:
+            pos = min(ps - off, total)
+            self._patch(idx >> shift, off, data[:pos], pool)
+            idx += pos >> 3
+        count = (total - pos) // ps
+        if count:
+            pages: list[bytearray] = []
+            for o in range(pos, pos + count * ps, ps):
+                page = pool.pop() if pool else bytearray(ps)
+                page[:] = data[o : o + ps]
+                pages.append(page)
+            pno = idx >> shift
+            if self._zero in pages:  # rare: a seam between moved leaves holds only holes
+                for i, page in enumerate(pages):
+                    if page != self._zero:
+                        radix.set_leaf(pno + i, page)
+            else:
+                radix.attach_leaves(pno, pages)
+            pos += count * ps
+            idx += count << shift
+        if pos < total:
+            self._patch(idx >> shift, 0, data[pos:], pool)
+
+    def _patch(self, pno: int, off: int, chunk: memoryview, pool: list[bytearray]) -> None:
+        """Write `chunk` into leaf `pno` at byte `off`; never keep an all-zero leaf."""
+        radix = self._radix
+        page = radix.leaf(pno)
+        if page is None:
+            if pool:
+                page = pool.pop()
+                page[:] = self._zero
+            else:
+                page = bytearray(self._page_size)
+            page[off : off + len(chunk)] = chunk
+            if page != self._zero:
+                radix.set_leaf(pno, page)
+        else:
+            page[off : off + len(chunk)] = chunk
+            if page == self._zero:
+                radix.remove_leaf(pno)
 
 
 def _check_range(op: str, lblk: int, n: int) -> None:

@@ -242,28 +242,31 @@ class Filesystem:
         orphans = [i for i in self.ns.inodes.values() if i.nlink == 0]
         for inode in orphans:
             del self.ns.inodes[inode.ino]
-            self._free_blocks(inode)
+            await self._free_blocks(inode)
         if orphans:
             log.info("recovery: reclaimed %d orphan inode(s)", len(orphans))
             await self.commit()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work until `unmount`: the flusher, readahead, periodic commits."""
-        with trio.CancelScope() as scope:
-            self._cancel = scope
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(flusher, self)
-                task_status.started()
-                while True:
-                    await trio.sleep(self.options.commit_interval)
-                    if self.dirty and not self.read_only:
-                        try:
-                            await self.commit()
-                        except FsError as e:
-                            log.error("background commit failed: %s", e)
-        self._nursery = None
-        self._done.set()
+        try:
+            with trio.CancelScope() as scope:
+                self._cancel = scope
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(flusher, self)
+                    task_status.started()
+                    while True:
+                        await trio.sleep(self.options.commit_interval)
+                        if self.dirty and not self.read_only:
+                            try:
+                                await self.commit()
+                            except FsError as e:
+                                log.error("background commit failed: %s", e)
+        finally:
+            self._nursery = None
+            self._cancel = None
+            self._done.set()
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run background work (readahead) in the filesystem's nursery, if running."""
@@ -445,12 +448,12 @@ class Filesystem:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         self._check_writable()
-        self._reap(self.ns.unlink(parent, name))
+        await self._reap(self.ns.unlink(parent, name))
         self.mark_changed()
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         self._check_writable()
-        self._reap(self.ns.rmdir(parent, name))
+        await self._reap(self.ns.rmdir(parent, name))
         self.mark_changed()
 
     async def rename(
@@ -459,16 +462,24 @@ class Filesystem:
         self._check_writable()
         replaced = self.ns.rename(old_parent, old_name, new_parent, new_name, flags)
         if replaced is not None:
-            self._reap(replaced)
+            await self._reap(replaced)
         self.mark_changed()
 
-    def _reap(self, gone: Unlinked) -> None:
+    async def _reap(self, gone: Unlinked) -> None:
         if gone.unreferenced:
-            self._free_blocks(gone.inode)
+            await self._free_blocks(inode=gone.inode)
 
-    def _free_blocks(self, inode: Inode) -> None:
+    async def _free_blocks(self, inode: Inode) -> None:
+        """The inode is gone from the table: drop its pages, free its blocks.
+
+        Writeback in flight on it finishes first (it maps blocks into the
+        extent map); no await between that and the drop, so none can start.
+        """
         if inode.extents is None:
             return
+        mapping = self.cache.mappings.get(inode.ino)
+        if mapping is not None:
+            await wait_writeback(mapping, 0, None)
         self.cache.forget_mapping(inode)
         for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
             self.alloc.free(pblk, n)
@@ -579,6 +590,12 @@ class Filesystem:
         self._check_writable()
         await truncate_inode(self, inode, size)
 
+    async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), every mode (`io.fallocate`): FALLOC_FL_* flags in ``mode``."""
+        from fusefs.io.fallocate import fallocate as fallocate_inode
+
+        await fallocate_inode(self, self.ns.get(ino), mode, offset, length)
+
     async def flush(self, fh: int) -> None:
         self._file(fh)
 
@@ -590,7 +607,10 @@ class Filesystem:
             await writeback_range(self, mapping, wait=True)
             if mapping.error is not None:
                 error, mapping.error = mapping.error, None
-                raise IOFailure(f"writeback of inode {handle.inode.ino} failed: {error}")
+                code = error.code if isinstance(error, FsError) else errno.EIO
+                raise IOFailure(
+                    f"writeback of inode {handle.inode.ino} failed: {error}", errno=code
+                )
         if self.read_only:
             if self.ro_reason and not self.options.read_only:
                 raise IOFailure(f"fsync on a filesystem gone read-only: {self.ro_reason}")
@@ -615,7 +635,7 @@ class Filesystem:
         inode.open_count -= 1
         if inode.nlink == 0 and inode.open_count == 0 and inode.ino in self.ns.inodes:
             del self.ns.inodes[inode.ino]
-            self._free_blocks(inode)
+            await self._free_blocks(inode)
             self.mark_changed()
 
     # directories:

@@ -11,9 +11,27 @@ The kernel caches attributes and entries for `CACHE_TIMEOUT` seconds (DESIGN §8
 never make the kernel ask twice).  Whatever fusefs changes behind the kernel's
 back (a size change through ``.fusefs/fallocate``, say) it must invalidate
 explicitly with `FuseOperations.invalidate_attr`.  File data is never cached by
-the kernel: every open returns ``direct_io`` (DESIGN §2), so the userspace page
-cache is the only one.  A consequence is that the kernel refuses ``MAP_SHARED``
-mappings of fusefs files with ENODEV; private mappings work.
+the kernel through read/write: every open returns ``direct_io`` (DESIGN §2), so
+the userspace page cache is the only one.  A consequence is that the kernel
+refuses ``MAP_SHARED`` mappings of fusefs files with ENODEV; private mappings
+work, and fill the kernel's page cache behind fusefs's back.
+
+So whenever the core drops its own pages of a range and changes the data under
+them (truncate, fallocate, direct write) it calls `Filesystem.invalidate_kernel`,
+which lands in `FuseOperations.invalidate_kernel`: the inode is queued, and the
+`run_invalidations` task (started by the daemon) has a worker thread call
+``pyfuse3.invalidate_inode`` — never the request handler itself, because
+invalidating data makes the kernel lock the inode's pages, and a page may be
+locked by a page fault that waits for a read this very loop has to answer: a
+deadlock.  Requests that arrive while the thread works are coalesced per inode.
+Attribute-only invalidation takes no page lock and is done synchronously
+(`invalidate_attr`), so that the ``stat`` right after a ``.fusefs/fallocate``
+write already sees the new size.
+
+pyfuse3 3.5.0 has no ``fallocate`` operation: libfuse answers the kernel's
+FUSE_FALLOCATE with ENOSYS, the kernel remembers that and fails every
+fallocate(2) on the mount with EOPNOTSUPP.  Every mode goes through
+``.fusefs/fallocate`` instead (docs/fallocate.md).
 """
 
 from __future__ import annotations
@@ -21,10 +39,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 import pyfuse3
+import trio
 
 from fusefs.control import CONTROL_NAME, ControlDir
 from fusefs.errors import FsError
@@ -92,6 +112,21 @@ def _file_info(fh: int) -> pyfuse3.FileInfo:
     return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
 
+def _invalidate_inode(ino: int, *, attr_only: bool) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=attr_only)
+    except OSError as e:
+        # ENOENT: the kernel does not know the inode (nothing cached); ENOTCONN:
+        # the mount is gone.
+        if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+            log.warning("invalidate_inode(%d): %s", ino, e.strerror)
+
+
+def _invalidate_batch(batch: Mapping[int, bool]) -> None:
+    for ino, attr_only in batch.items():
+        _invalidate_inode(ino, attr_only=attr_only)
+
+
 def _control_denied() -> FsError:
     return FsError("the control directory cannot be changed", errno=errno.EPERM)
 
@@ -109,17 +144,42 @@ class FuseOperations(pyfuse3.Operations):
         self.fs = fs
         self.control = control
         control.invalidate_attr = self.invalidate_attr
+        fs.invalidate_hook = self.invalidate_kernel
         # Handles of open root directories: their listings hide the control directory.
         self._root_dir_handles: set[int] = set()
+        # (ino, attr_only) for run_invalidations; unbounded, so queueing never blocks.
+        self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[
+            tuple[int, bool]
+        ](math.inf)
 
     def invalidate_attr(self, ino: int) -> None:
         """Make the kernel forget its cached attributes of `ino` (size changed behind
         its back).  Never fails: an inode the kernel does not know needs nothing."""
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENOTCONN):
-                log.warning("invalidate_inode(%d): %s", ino, e.strerror)
+        _invalidate_inode(ino, attr_only=True)
+
+    def invalidate_kernel(self, ino: int, attr_only: bool) -> None:
+        """`Filesystem.invalidate_hook`: queue the invalidation of the kernel's cached
+        data (unless ``attr_only``) and attributes of `ino` for `run_invalidations`.
+        Never blocks and never calls into the kernel from the request."""
+        self._invalidate_send.send_nowait((ino, attr_only))
+
+    async def run_invalidations(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve `invalidate_kernel`'s queue until cancelled: each batch (one entry
+        per inode; data wins over attributes only) in one worker-thread call."""
+        task_status.started()
+        async for ino, attr_only in self._invalidate_receive:
+            batch = {ino: attr_only}
+            while True:
+                try:
+                    ino, attr_only = self._invalidate_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch[ino] = batch.get(ino, True) and attr_only
+            # abandon_on_cancel: an unmount must not wait on a kernel that may be
+            # waiting on us.
+            await trio.to_thread.run_sync(_invalidate_batch, batch, abandon_on_cancel=True)
 
     def _check_mutable(self, parent: int, name: bytes) -> None:
         if self.control.owns(parent) or self.control.is_entry(parent, name):

@@ -42,7 +42,7 @@ mutate while walking take a snapshot first (``list(tree.iter_leaves(...))``).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import compress, islice
 from typing import Any, Final, final
@@ -87,7 +87,6 @@ class GenRadix:
         "_interior",
         "_leaves",
         "_mask",
-        "_max_depth",
         "_page_size",
         "_record",
         "_root",
@@ -116,11 +115,6 @@ class GenRadix:
         self._mask: Final = self._fanout - 1
         self._zero_record: Final = record.unpack(bytes(record.size))
         self._zero_page: Final = bytes(page_size)
-        max_pages = MAX_INDEX // self._rpp + 1
-        depth, cap = 1, 1
-        while cap < max_pages:
-            depth, cap = depth + 1, cap * self._fanout
-        self._max_depth: Final = depth
         # Protected by nothing: a GenRadix belongs to one owner (an inode's
         # extent map), which serialises its mutations.
         # A leaf at depth 1, an interior node deeper, None when empty.
@@ -375,10 +369,51 @@ class GenRadix:
                 node[fanout] -= 1
                 self._interior -= 1
 
-    def set_leaves(self, leaves: Iterable[tuple[int, bytearray]]) -> None:
-        """`set_leaf` for many leaves; cheapest when they come in page order."""
-        for pno, page in leaves:
-            self.set_leaf(pno, page)
+    def attach_leaves(self, first: int, pages: list[bytearray]) -> None:
+        """Install `pages` as leaves ``first, first + 1, ...``; those slots must be free.
+
+        The counterpart of `detach_leaves`: consecutive leaves under one node
+        are installed with a single slice assignment, so re-hanging a stretch
+        of leaves costs one tree walk per ``fanout`` leaves.  Raises
+        ValueError, changing nothing, if a page is malformed or a slot is taken.
+        """
+        n = len(pages)
+        if not n:
+            return
+        ps = self._page_size
+        if not all(type(page) is bytearray and len(page) == ps for page in pages):
+            raise ValueError(f"a leaf must be a bytearray of {ps} bytes")
+        self._check_page(first)
+        self._check_page(first + n - 1)
+        taken = next(self.iter_leaves(first, first + n), None)
+        if taken is not None:
+            raise ValueError(f"genradix page {taken[0]} is already allocated")
+        if first + n > self._cap_pages:
+            self._grow(first + n - 1)
+        if self._depth == 1:
+            self._root = pages[0]
+            self._leaves += 1
+            return
+        fanout, mask = self._fanout, self._mask
+        if self._root is None:
+            self._root = self._new_interior()
+        done = 0
+        while done < n:
+            pno = first + done
+            node = self._root
+            for shift in self._shifts[:-1]:
+                i = (pno >> shift) & mask
+                child = node[i]
+                if child is None:
+                    node[i] = child = self._new_interior()
+                    node[fanout] += 1
+                node = child
+            slot = pno & mask
+            k = min(fanout - slot, n - done)
+            node[slot : slot + k] = pages[done : done + k]
+            node[fanout] += k
+            self._leaves += k
+            done += k
 
     # ------------------------------------------------------------ iteration
 

@@ -8,7 +8,9 @@ truncate, fallocate).
 It is fair: waiters are served in arrival order, and a reader that arrives
 while a writer waits queues behind that writer, so a stream of readers cannot
 starve a writer and vice versa.  Consecutive readers at the head of the queue
-are admitted together.
+are admitted together.  A reader may take the lock again without queueing (a
+writer may not); a reader asking to become a writer would wait for itself, so
+that raises `RuntimeError`.
 
 Every acquire is a trio checkpoint on every path: `checkpoint_if_cancelled()`
 first, then either park or `cancel_shielded_checkpoint()`.  A task cancelled
@@ -95,9 +97,12 @@ class InodeLock:
         task = trio.lowlevel.current_task()
         if self._writer is task:
             raise RuntimeError("InodeLock: task already holds this lock exclusively")
-        if not exclusive and task in self._readers and not self._queue:
+        if exclusive and task in self._readers:
+            # Waiting for ourselves to leave would never end.
+            raise RuntimeError("InodeLock: can't upgrade a shared hold to exclusive")
+        if not exclusive and task in self._readers:
             # A nested shared acquire must not queue behind a writer that waits
-            # for this very task: admit it.
+            # for this very task: admit it (no writer holds: we do).
             self._grant(False, task)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
@@ -228,7 +233,15 @@ class PagecacheLock:
     without waiting and nobody waits for BLOCK — speculative work gives way.
 
     ``enabled = False`` turns the lock into a no-op (every get succeeds at
-    once).  It exists only to demonstrate the races the lock closes.
+    once).  It exists only to demonstrate the races the lock closes.  Gets
+    made while it is off are remembered per task and side, uncounted, and the
+    matching puts are ignored even if it was switched on in between; holds
+    taken while it was on are released normally whatever the switch says.
+    Statistics therefore show only tracked holders.
+
+    A waiter cancelled at the head of the queue lets the waiters behind it in
+    at once if they want the side now held; one cancelled in the instant it is
+    granted hands the grant back before the cancellation propagates.
     """
 
     def __init__(self, *, enabled: bool = True) -> None:
@@ -240,9 +253,9 @@ class PagecacheLock:
         self._waits = {ADD: 0, BLOCK: 0}
         self._wait_time = {ADD: 0.0, BLOCK: 0.0}
         self._tryget_failures = 0
-        # Gets granted while the lock was off, per task: their puts must not
-        # touch the counters even if the lock was switched on in between.
-        self._untracked: dict[trio.lowlevel.Task, int] = {}
+        # Gets granted while the lock was off, per task and side: their puts must
+        # not touch the counters even if the lock was switched on in between.
+        self._untracked: dict[tuple[trio.lowlevel.Task, int], int] = {}
 
     def __repr__(self) -> str:
         if not self.enabled:
@@ -300,7 +313,7 @@ class PagecacheLock:
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         if not self.enabled:
-            self._untracked[task] = self._untracked.get(task, 0) + 1
+            self._untracked[task, side] = self._untracked.get((task, side), 0) + 1
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if self._get_nowait(side, task):
@@ -322,12 +335,12 @@ class PagecacheLock:
             self._wait_time[side] += trio.current_time() - waiter.since
 
     def _put(self, side: int, task: trio.lowlevel.Task) -> None:
-        untracked = self._untracked.get(task, 0)
+        untracked = self._untracked.get((task, side), 0)
         if untracked:
             if untracked == 1:
-                del self._untracked[task]
+                del self._untracked[task, side]
             else:
-                self._untracked[task] = untracked - 1
+                self._untracked[task, side] = untracked - 1
             return
         held = self._holders.get(task)
         if held is None or held[0] != side:
@@ -344,10 +357,14 @@ class PagecacheLock:
             self._wake()
 
     def _wake(self) -> None:
-        # Admit the head of the queue and every waiter for the same side behind it.
-        if self._count or not self._queue:
+        # Admit the head of the queue and every waiter for the same side behind it:
+        # when the lock is free, or when a cancelled waiter for the other side
+        # left the head and uncovered waiters for the side that holds it.
+        if not self._queue:
             return
         side = self._queue[0].side
+        if self._count and self._side != side:
+            return
         while self._queue and self._queue[0].side == side:
             waiter = self._queue.popleft()
             self._take(side, waiter.task)
@@ -366,7 +383,7 @@ class PagecacheLock:
         """Take ADD only if that needs no wait and no BLOCK holder waits; no checkpoint."""
         task = trio.lowlevel.current_task()
         if not self.enabled:
-            self._untracked[task] = self._untracked.get(task, 0) + 1
+            self._untracked[task, ADD] = self._untracked.get((task, ADD), 0) + 1
             return True
         if any(w.side == BLOCK for w in self._queue):
             self._tryget_failures += 1
@@ -375,6 +392,19 @@ class PagecacheLock:
             return True
         self._tryget_failures += 1
         return False
+
+    def add_get_nowait(self) -> bool:
+        """Take ADD if that needs no wait (trio's ``acquire_nowait``); no checkpoint.
+
+        For callers that have just passed a checkpoint (taking the inode lock)
+        and want to spare a second scheduler round trip; on False they fall
+        back to `add_get`.  Fairness holds: it fails when anyone waits.
+        """
+        task = trio.lowlevel.current_task()
+        if not self.enabled:
+            self._untracked[task, ADD] = self._untracked.get((task, ADD), 0) + 1
+            return True
+        return self._get_nowait(ADD, task)
 
     async def block_get(self) -> None:
         await self._get(BLOCK)

@@ -177,6 +177,7 @@ class PageCache:
         # Woken when dirty pages become clean (writers throttled on the limit wait on it).
         self._cleaned = trio.Event()
         self.kick = trio.Event()  # wakes the flusher
+        self.readahead_inflight = 0
         self.counters = dict.fromkeys(
             (
                 "hits",
@@ -258,12 +259,24 @@ class PageCache:
         pages = page.mapping.pages
         existing: Page | None = pages.get(page.index)
         if existing is not None:
+            # One copy stays.  Keep readahead_issued == used + wasted + pages
+            # still flagged: a prefetched copy that loses is dropped unread; a
+            # prefetched page that wins goes to a read or write that uses it.
+            if page.readahead:
+                self.counters["readahead_wasted"] += 1
+            elif existing.readahead:
+                existing.readahead = False
+                self.counters["readahead_used"] += 1
             return existing
         pages[page.index] = page
         self.nr_pages += 1
-        self.lru[page] = None
+        # Make room before the new page joins the LRU: when every other page is
+        # dirty or under writeback it would be the only candidate, and a write
+        # would then dirty a page no longer in the cache.  Over the limit until
+        # writeback catches up, then.
         if self.nr_pages > self.max_pages:
             self.evict(self.nr_pages - self.max_pages)
+        self.lru[page] = None
         return page
 
     def touch(self, page: Page) -> None:
@@ -387,6 +400,10 @@ class PageCache:
             self.mark_dirty(page)
         elif not page.dirty and page.index in m.pages and m.pages[page.index] is page:
             self.lru[page] = None
+            # Dirty pages may have pushed the cache over its limit (one write
+            # can dirty more than the limit); clean, they are evictable again.
+            if self.nr_pages > self.max_pages:
+                self.evict(self.nr_pages - self.max_pages)
         m.writeback_done.set()
         m.writeback_done = trio.Event()
         self._wake_cleaned()
@@ -395,14 +412,9 @@ class PageCache:
         self._cleaned.set()
         self._cleaned = trio.Event()
 
-    async def throttle(self) -> None:
-        """balance_dirty_pages: wait while the dirty limit is exceeded."""
-        if self.nr_dirty < self.dirty_limit:
-            return
-        self.counters["throttled"] += 1
-        while self.nr_dirty >= self.dirty_limit:
-            self.kick.set()
-            await self._cleaned.wait()
+    async def wait_cleaned(self) -> None:
+        """Wait until some dirty or writeback page becomes clean."""
+        await self._cleaned.wait()
 
     def check(self) -> None:
         """Verify the accounting (tests): counts, LRU membership, reservations."""

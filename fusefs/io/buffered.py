@@ -31,6 +31,7 @@ from fusefs.errors import NoSpace
 from fusefs.extents import ExtentMap
 from fusefs.faults import race_fault
 from fusefs.io import readahead
+from fusefs.io.writeback import balance_dirty_pages
 from fusefs.pagecache import ALLOCATED, UNALLOCATED, Mapping, Page
 
 if TYPE_CHECKING:
@@ -78,18 +79,75 @@ async def fill_pages(
     return resident
 
 
+def _cached(fs: Filesystem, mapping: Mapping, offset: int, end: int) -> bytes | None:
+    """The bytes of [offset, end) if every page is cached, else None.
+
+    No lock and no await: pages are only removed by code that runs between
+    awaits of this task, so a read that finds all its pages copies a
+    consistent state — as the kernel reads cached pages without the
+    invalidate lock and takes it only to add pages.
+    """
+    bs = fs.block_size
+    first = offset // bs
+    last = (end - 1) // bs
+    pages = mapping.pages
+    head = offset - first * bs
+    if first == last:
+        page: Page | None = pages.get(first)
+        if page is None:
+            return None
+        fs.cache.touch(page)
+        return bytes(page.data[head : head + end - offset])
+    found: list[Page] = []
+    for index in range(first, last + 1):
+        page = pages.get(index)
+        if page is None:
+            return None
+        found.append(page)
+    for page in found:
+        fs.cache.touch(page)
+    return _gather(found, head, end - offset)
+
+
+def _gather(pages: list[Page], head: int, length: int) -> bytes:
+    """``length`` bytes from ``head`` into consecutive pages, copied once."""
+    if len(pages) == 1:
+        return bytes(pages[0].data[head : head + length])
+    tail = head + length - (len(pages) - 1) * len(pages[0].data)
+    parts: list[bytes | bytearray | memoryview] = [memoryview(pages[0].data)[head:]]
+    parts += [p.data for p in pages[1:-1]]
+    parts.append(memoryview(pages[-1].data)[:tail])
+    return b"".join(parts)
+
+
 async def read(fs: Filesystem, handle: Handle, offset: int, size: int) -> bytes:
     inode = handle.inode
     mapping = fs.cache.mapping(inode)
     bs = fs.block_size
+    end = min(offset + size, inode.size)
+    if offset >= end:
+        return b""
+    data = _cached(fs, mapping, offset, end)
+    if data is None:
+        data = await _read_fill(fs, mapping, inode, offset, size)
+    if data:
+        readahead.on_read(fs, handle, mapping, offset // bs, (offset + len(data) - 1) // bs)
+    return data
+
+
+async def _read_fill(
+    fs: Filesystem, mapping: Mapping, inode: Inode, offset: int, size: int
+) -> bytes:
+    """The slow path: some page is missing; fill under the ADD side."""
+    bs = fs.block_size
+    cache = fs.cache
     async with mapping.lock.add():
-        end = min(offset + size, inode.size)
+        end = min(offset + size, inode.size)  # the size may have changed meanwhile
         if offset >= end:
             return b""
         first = offset // bs
         last = (end - 1) // bs
         pages = mapping.pages
-        cache = fs.cache
         out: list[Page] = []
         index = first
         while index <= last:
@@ -106,15 +164,7 @@ async def read(fs: Filesystem, handle: Handle, offset: int, size: int) -> bytes:
             cache.counters["misses"] += stop - index
             out += await fill_pages(fs, mapping, index, stop - index)
             index = stop
-        # The size may have changed while we filled (truncate waits for ADD,
-        # but a write may have extended the file): stay within the size seen.
-        head = offset - first * bs
-        if len(out) == 1:
-            data = bytes(out[0].data[head : head + end - offset])
-        else:
-            data = b"".join(p.data for p in out)[head : head + end - offset]
-    readahead.on_read(fs, handle, mapping, first, last)
-    return data
+        return _gather(out, offset - first * bs, end - offset)
 
 
 # write:
@@ -146,14 +196,18 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
     assert emap is not None
     cache = fs.cache
     bs = fs.block_size
-    await cache.throttle()
+    await balance_dirty_pages(fs)
     mapping = cache.mapping(inode)
     view = memoryview(data)
     done = 0
     async with inode.io_lock.exclusive():
         if handle.append:
             offset = inode.size
-        async with mapping.lock.add():
+        # The inode lock was a checkpoint already: spare the second one when
+        # ADD is free (trio's acquire_nowait), else wait in line for it.
+        if not mapping.lock.add_get_nowait():
+            await mapping.lock.add_get()
+        try:
             pos = offset
             end = offset + len(data)
             while pos < end:
@@ -173,6 +227,8 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                 pos += n
                 if pos > inode.size:
                     inode.size = pos
+        finally:
+            mapping.lock.add_put()
         inode.touch(m=True)
     fs.mark_changed()
     return done

@@ -50,8 +50,10 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
     if not fs.readahead_enabled:
         return
     if first != ra.next_index and not (first == 0 and ra.next_index == -1):
+        # A seek: start over (a prefetch still in flight finishes on its own).
         ra.next_index = last + 1
         ra.window = 0
+        ra.inflight_end = 0
         return
     ra.next_index = last + 1
     ra.window = min(MAX_WINDOW, max(MIN_WINDOW, ra.window * 2))
@@ -77,6 +79,7 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
     if not mapping.lock.add_tryget():
         cache.counters["readahead_abandoned"] += stop - start
         return
+    cache.readahead_inflight += 1
     try:
         index = start
         while index < stop:
@@ -92,4 +95,5 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
         # Speculative: a failed prefetch only costs the read that needs the page.
         log.debug("readahead of inode %d failed: %s", mapping.inode.ino, e)
     finally:
+        cache.readahead_inflight -= 1
         mapping.lock.add_put()

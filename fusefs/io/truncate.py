@@ -53,7 +53,10 @@ async def truncate(fs: Filesystem, inode: Inode, size: int) -> None:
                 for pblk, n in emap.unmap(keep, MAX_FILE_BLOCKS - keep):
                     fs.alloc.free(pblk, n)
         else:
-            await discard(fs, mapping, direct.blocks_for(old, bs), None)
+            # Nothing can be cached past EOF with the lock on; with it off,
+            # readahead may have put stale pages past the *old* EOF, and only
+            # pages past the new one go (as the kernel's truncate_pagecache).
+            await discard(fs, mapping, direct.blocks_for(size, bs), None)
         inode.size = size
         inode.touch(m=True)
     fs.mark_changed()

@@ -147,7 +147,20 @@ async def _write_run(fs: Filesystem, mapping: Mapping, run: list[Page]) -> None:
         cache.counters["writeback_pages"] += count
         if placements:
             fs.mark_changed()
-    except FsError as e:
+    except BaseException as e:
+        # Undo what the run did to the allocator and the reservations, whether
+        # it failed or was cancelled (unmount stops the flusher mid-run).
+        for pblk, n in new_runs:
+            fs.alloc.free_now(pblk, n)
+        # Pages whose reservation the run consumed take one again; if there is
+        # no space left they stay unreserved (and dirty).
+        for p in run:
+            if p.space == ALLOCATED and emap.pblk_of(p.index) is None:
+                p.space = UNALLOCATED
+                with contextlib.suppress(FsError):
+                    cache.reserve(p)
+        if not isinstance(e, FsError):
+            raise
         cache.counters["writeback_errors"] += 1
         if mapping.error is None:
             mapping.error = e
@@ -155,15 +168,6 @@ async def _write_run(fs: Filesystem, mapping: Mapping, run: list[Page]) -> None:
             log.error("writeback: inode %d: ENOSPC, %d page(s) stay dirty", inode.ino, count)
         else:
             log.error("writeback: inode %d blocks %d+%d: %s", inode.ino, first, count, e)
-        for pblk, n in new_runs:
-            fs.alloc.free_now(pblk, n)
-        # Pages whose reservation the failed run consumed take one again; if
-        # there is no space left they stay unreserved (and dirty).
-        for p in run:
-            if p.space == ALLOCATED and emap.pblk_of(p.index) is None:
-                p.space = UNALLOCATED
-                with contextlib.suppress(FsError):
-                    cache.reserve(p)
     finally:
         for page in run:
             cache.end_writeback(page, failed=failed)
@@ -193,6 +197,34 @@ def _place(holes: list[Page], runs: list[Run]) -> list[tuple[int, int, int]]:
         rp += 1
         rn -= 1
     return out
+
+
+async def balance_dirty_pages(fs: Filesystem) -> None:
+    """Throttle a writer while the dirty limit is exceeded.
+
+    The writer does writeback itself (the oldest dirty mapping first) rather
+    than only waiting for the flusher: that bounds dirty memory even when no
+    flusher runs, and makes heavy writers pay for their own writeback.
+    """
+    cache = fs.cache
+    if cache.nr_dirty < cache.dirty_limit:
+        return
+    cache.counters["throttled"] += 1
+    while cache.nr_dirty >= cache.dirty_limit:
+        cache.kick.set()
+        mapping = next(iter(cache.dirty_mappings), None)
+        if mapping is None:
+            await cache.wait_cleaned()  # everything is under writeback already
+            continue
+        before = cache.nr_dirty
+        try:
+            await writeback_range(fs, mapping, wait=False)
+        except FsError as e:  # recorded on the mapping for fsync
+            log.debug("balance_dirty_pages: %s", e)
+        if cache.nr_dirty >= before:
+            # No progress (the device fails): let the writer through rather
+            # than block it forever; the error reaches it through fsync.
+            return
 
 
 async def flusher(fs: Filesystem, *, interval: float = 0.5) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import trio
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.namespace import ROOT_INO
 
-from .conftest import FUSEFS, FuseMount, fusefs, mkfs
+from .conftest import FUSEFS, FuseMount, control_read, control_write, fusefs, mkfs, stats
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], command: str) -> None:
@@ -72,11 +73,52 @@ def test_umount_of_a_non_mount_is_a_clean_error(tmp_path: Path) -> None:
     assert "not a fusefs mount" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["fault", "stats"])
+@pytest.mark.parametrize("command", ["fault", "stats", "drop-caches", "lock"])
 def test_control_commands_on_a_non_mount(tmp_path: Path, command: str) -> None:
     done = fusefs(command, tmp_path)
     assert_one_line_error(done, command)
     assert "not a fusefs mount" in done.stderr
+
+
+def test_fallocate_outside_a_fusefs_mount(tmp_path: Path) -> None:
+    done = fusefs("fallocate", "-l", "4K", tmp_path / "f")
+    assert_one_line_error(done, "fallocate")
+    assert "not on a fusefs mount" in done.stderr
+    done = fusefs("fallocate", "-l", "4K", tmp_path / "missing" / "f")
+    assert_one_line_error(done, "fallocate")
+    assert "No such file or directory" in done.stderr
+
+
+@pytest.mark.mount
+def test_mount_options_reach_the_core(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    (tmp_path / "mnt").mkdir()
+    m = FuseMount(image, tmp_path / "mnt")
+    try:
+        m.mount("-o", "pagecache_lock=off,cache_size=32M,readahead=off,commit=1")
+        st = stats(m.mountpoint)
+        assert st["pagecache_lock"] == "off"
+        assert st["cache_limit_bytes"] == str(32 << 20)
+        assert control_read(m.mountpoint, "pagecache_lock") == "off\n"
+        # Sequential reads start no readahead.
+        data = os.urandom(64 * 4096)
+        (tmp_path / "mnt" / "f").write_bytes(data)
+        control_write(m.mountpoint, "drop_caches", "1")
+        with open(tmp_path / "mnt" / "f", "rb") as f:
+            while f.read(4096):
+                pass
+        assert stats(m.mountpoint)["readahead_issued"] == "0"
+        # commit=1: a change is committed within about a second, without fsync.
+        commits = int(stats(m.mountpoint)["commits"])
+        (tmp_path / "mnt" / "g").write_bytes(b"x")
+        deadline = time.monotonic() + 10
+        while int(stats(m.mountpoint)["commits"]) == commits:
+            assert time.monotonic() < deadline, "no periodic commit"
+            time.sleep(0.05)
+        m.umount_clean()
+    finally:
+        m.teardown()
 
 
 def test_mount_argument_errors(tmp_path: Path) -> None:

@@ -290,11 +290,25 @@ def test_control_directory(shared_mount: FuseMount) -> None:
     assert stat.S_ISDIR(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o700
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
-    assert sorted(os.listdir(control)) == ["dynamic_fault", "pid", "stats"]
+    assert sorted(os.listdir(control)) == [
+        "drop_caches",
+        "dynamic_fault",
+        "fallocate",
+        "pagecache_lock",
+        "pid",
+        "stats",
+    ]
     modes = {
         n: stat.S_IMODE(os.stat(os.path.join(control, n)).st_mode) for n in os.listdir(control)
     }
-    assert modes == {"dynamic_fault": 0o600, "pid": 0o400, "stats": 0o400}
+    assert modes == {
+        "dynamic_fault": 0o600,
+        "pid": 0o400,
+        "stats": 0o400,
+        "fallocate": 0o600,
+        "drop_caches": 0o200,
+        "pagecache_lock": 0o600,
+    }
     listing = read_file(os.path.join(control, "dynamic_fault")).decode()
     assert listing.startswith("# sites:")
     assert "name:blockdev_write" in listing

@@ -368,7 +368,8 @@ def test_sparse_map_costs_leaves_not_range() -> None:
     em = ExtentMap()
     for i in range(50):
         em.map(i * (MAX_FILE_BLOCKS // 50), 2 * i, 1)
-    stats = em._radix.statistics()
+    stats = em.statistics().radix
+    assert em.statistics().mapped_blocks == 50
     assert stats.leaves == 50
     assert em.memory_bytes() == (stats.leaves + stats.interior_nodes) * 4096
     assert em.lookup(1).length == MAX_FILE_BLOCKS // 50 - 1

@@ -274,9 +274,16 @@ async def test_control_directory_is_hidden_but_reachable(
     fh = await ops.opendir(entry.st_ino, CTX)
     await ops.readdir(fh, 0, token)
     await ops.releasedir(fh)
-    assert replies.names == [b"dynamic_fault", b"stats", b"pid"]
+    assert replies.names == [
+        b"dynamic_fault",
+        b"stats",
+        b"pid",
+        b"fallocate",
+        b"drop_caches",
+        b"pagecache_lock",
+    ]
     modes = [stat.S_IMODE((await ops.lookup(entry.st_ino, n, CTX)).st_mode) for n in replies.names]
-    assert modes == [0o600, 0o400, 0o400]
+    assert modes == [0o600, 0o400, 0o400, 0o600, 0o200, 0o600]
 
 
 async def read_control(ops: FuseOperations, name: bytes) -> bytes:

@@ -55,6 +55,19 @@ class GenRadixMachine(RuleBasedStateMachine):
         near = near | st.sampled_from([rpp * fanout, rpp * fanout * fanout, MAX_INDEX])
         return near | st.integers(0, 4 * rpp) | st.integers(0, MAX_INDEX)
 
+    @property
+    def raws(self) -> st.SearchStrategy[bytes]:
+        """Record contents; a big record gets a short patch of bytes at a
+        random offset, so examples stay small."""
+        size = self.rec.size
+        if size <= 16:
+            return st.binary(min_size=size, max_size=size)
+        return st.builds(
+            lambda off, patch: bytes(off) + patch + bytes(size - off - len(patch)),
+            st.integers(0, size - 8),
+            st.binary(min_size=1, max_size=8),
+        )
+
     def page_of(self, idx: int) -> int:
         return idx // self.rpp
 
@@ -68,14 +81,14 @@ class GenRadixMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def set_record(self, data: st.DataObject) -> None:
         idx = data.draw(self.indices)
-        raw = data.draw(st.binary(min_size=self.rec.size, max_size=self.rec.size))
+        raw = data.draw(self.raws)
         self.tree.set(idx, *self.rec.unpack(raw))
         self.store(idx, raw)
 
     @rule(data=st.data())
     def write_through_ptr_alloc(self, data: st.DataObject) -> None:
         idx = data.draw(self.indices)
-        raw = data.draw(st.binary(min_size=self.rec.size, max_size=self.rec.size))
+        raw = data.draw(self.raws)
         view = self.tree.ptr_alloc(idx)
         assert len(view) == self.rec.size
         view[:] = raw
@@ -124,8 +137,9 @@ class GenRadixMachine(RuleBasedStateMachine):
                 raw = page[slot * self.rec.size : (slot + 1) * self.rec.size]
                 assert raw == self.model.get(first + slot, self.zero)
 
-    @rule(n=st.integers(0, 3000))
-    def prealloc(self, n: int) -> None:
+    @rule(data=st.data())
+    def prealloc(self, data: st.DataObject) -> None:
+        n = data.draw(st.integers(0, 6 * self.rpp + 1))
         self.tree.prealloc(n)
         if n:
             self.pages.update(range(self.page_of(n - 1) + 1))
@@ -169,6 +183,28 @@ class GenRadixMachine(RuleBasedStateMachine):
                 raw = page[slot * self.rec.size : (slot + 1) * self.rec.size]
                 assert raw == self.model.pop(pno * self.rpp + slot, self.zero)
         self.pages.difference_update(want)
+
+    @rule(data=st.data(), count=st.integers(1, 20))
+    def attach_stretch(self, data: st.DataObject, count: int) -> None:
+        """Install consecutive leaves in one call, as a shift does."""
+        first = self.page_of(data.draw(self.indices))
+        count = min(count, (MAX_INDEX // self.rpp) - first + 1)
+        pages = []
+        for _ in range(count):
+            page = bytearray(self.page_size)
+            slot = data.draw(st.integers(0, self.rpp - 1))
+            raw = data.draw(self.raws)
+            page[slot * self.rec.size : (slot + 1) * self.rec.size] = raw
+            pages.append((slot, raw, page))
+        if any(p in self.pages for p in range(first, first + count)):
+            with pytest.raises(ValueError, match="already allocated"):
+                self.tree.attach_leaves(first, [page for _, _, page in pages])
+            return
+        self.tree.attach_leaves(first, [page for _, _, page in pages])
+        for i, (slot, raw, _) in enumerate(pages):
+            self.pages.add(first + i)
+            if raw != self.zero:
+                self.model[(first + i) * self.rpp + slot] = raw
 
     @rule()
     def free(self) -> None:
@@ -356,6 +392,22 @@ def test_iteration_skips_unallocated_subtrees() -> None:
     assert got == [(8 * 8**5 + 1, 8 * 8**5 + 1), (8 * 8**9, 8 * 8**9)]
     assert [pno for pno, _ in tree.iter_leaves_reverse(8**9 - 1)] == [8**5, 0]
     assert [pno for pno, _ in tree.iter_leaves(1, 8**9)] == [8**5]
+
+
+def test_attach_leaves_checks_before_changing_anything() -> None:
+    tree = GenRadix(struct.Struct("<Q"), page_size=64)  # fanout 8
+    tree.set(8 * 12, 1)  # page 12
+    with pytest.raises(ValueError, match="page 12 is already allocated"):
+        tree.attach_leaves(5, [bytearray(64) for _ in range(10)])
+    with pytest.raises(ValueError, match="bytearray of 64"):
+        tree.attach_leaves(0, [bytearray(64), bytearray(8)])
+    with pytest.raises(ValueError, match="out of range"):
+        tree.attach_leaves(MAX_INDEX // 8, [bytearray(64), bytearray(64)])
+    assert [pno for pno, _ in tree.iter_leaves()] == [12]
+    tree.attach_leaves(13, [bytearray(64) for _ in range(20)])  # crosses two nodes
+    assert [pno for pno, _ in tree.iter_leaves()] == list(range(12, 33))
+    assert tree.statistics().interior_nodes == 1 + 4  # depth 3: pages 12..32 under 4 nodes
+    tree.attach_leaves(0, [])
 
 
 def test_set_leaf_replaces_and_returns_old() -> None:

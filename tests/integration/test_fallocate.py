@@ -1,0 +1,365 @@
+"""fallocate through a real mount: every mode through ``.fusefs/fallocate`` (by path and
+by inode) and through ``fusefs fallocate``; errors; the kernel's caches invalidated;
+``drop_caches`` and ``pagecache_lock``; and the kernel's own fallocate(2), which
+pyfuse3 3.5.0 cannot serve (EOPNOTSUPP, docs/fallocate.md)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+
+import pytest
+
+from .conftest import FuseMount, control_read, control_write, fusefs, stats
+
+pytestmark = pytest.mark.mount
+
+BS = 4096
+KEEP, PUNCH, COLLAPSE, ZERO, INSERT = 0x01, 0x02, 0x08, 0x10, 0x20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def kernel_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed + i // BS * 13) % 251 + 1 for i in range(n))
+
+
+def model(data: bytes, mode: int, offset: int, length: int) -> bytes:
+    out = bytearray(data)
+    end = offset + length
+    if mode & COLLAPSE:
+        del out[offset:end]
+    elif mode & INSERT:
+        out[offset:offset] = bytes(length)
+    elif mode & (PUNCH | ZERO):
+        stop = min(end, len(out))
+        out[offset:stop] = bytes(max(0, stop - offset))
+    if not mode & (KEEP | COLLAPSE | INSERT) and end > len(out):
+        out.extend(bytes(end - len(out)))
+    return bytes(out)
+
+
+def make(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def contents(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size + BS, 0)
+    finally:
+        os.close(fd)
+
+
+def errno_of_write(root: str, name: str, text: str) -> int | None:
+    try:
+        control_write(root, name, text)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+# (mode name for the control file, flags, offset, length)
+CASES = [
+    ("alloc", 0, 3 * BS + 100, 6 * BS),
+    ("keep_size", KEEP, BS, 20 * BS),
+    ("punch", PUNCH | KEEP, BS + 10, 3 * BS),
+    ("zero", ZERO, 2 * BS - 5, 10 * BS),
+    ("zero,keep_size", ZERO | KEEP, 5, 30 * BS),
+    ("zero+keep_size", ZERO | KEEP, 3 * BS, BS),
+    ("collapse", COLLAPSE, BS, 2 * BS),
+    ("insert", INSERT, 2 * BS, 3 * BS),
+    ("0x3", PUNCH | KEEP, 0, BS),
+]
+SIZE = 6 * BS + 123
+
+
+@pytest.mark.parametrize("by", ["path", "ino"])
+def test_every_mode_through_the_control_file(shared_mount: FuseMount, work: str, by: str) -> None:
+    root = str(shared_mount.mountpoint)
+    for i, (name, flags, offset, length) in enumerate(CASES):
+        path = os.path.join(work, f"f{i}")
+        data = pattern(SIZE, i)
+        make(path, data)
+        contents(path)  # cached pages in the range, and the kernel's attributes
+        target = (
+            f"path={os.path.relpath(path, root)}" if by == "path" else f"ino={os.stat(path).st_ino}"
+        )
+        control_write(root, "fallocate", f"{target} mode={name} offset={offset} length={length}")
+        want = model(data, flags, offset, length)
+        assert os.stat(path).st_size == len(want), name
+        assert contents(path) == want, name
+        result = control_read(root, "fallocate")
+        assert result.startswith(f"ok ino={os.stat(path).st_ino} "), result
+        assert result.endswith(f" size={len(want)}\n"), result
+    control_write(root, "drop_caches", "1")
+    for i, (_, flags, offset, length) in enumerate(CASES):
+        want = model(pattern(SIZE, i), flags, offset, length)
+        assert contents(os.path.join(work, f"f{i}")) == want
+
+
+def test_sizes_suffixes_and_keep_size_key(shared_mount: FuseMount, work: str) -> None:
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(BS))
+    rel = os.path.relpath(path, root)
+    control_write(root, "fallocate", f"path={rel} mode=zero keep_size=1 offset=0 length=64K")
+    assert os.stat(path).st_size == BS
+    control_write(root, "fallocate", f"path={rel} offset=1M length=1M")  # mode defaults to alloc
+    assert os.stat(path).st_size == 2 << 20
+    assert contents(path) == bytes(2 << 20)
+    # A path with a space, quoted as a shell would.
+    spaced = os.path.join(work, "a file")
+    make(spaced, b"x" * 100)
+    control_write(root, "fallocate", f"path='{os.path.relpath(spaced, root)}' length=8K")
+    assert os.stat(spaced).st_size == 8192
+
+
+def test_bad_commands_are_einval(shared_mount: FuseMount, work: str) -> None:
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(4 * BS))
+    rel = os.path.relpath(path, root)
+    # (An empty write() never reaches the filesystem.)
+    for text in [
+        "nonsense",
+        f"path={rel}",  # no length
+        f"path={rel} length=4096 length=8192",
+        f"path={rel} ino=2 length=4096",
+        f"path={rel} mode=sideways length=4096",
+        f"path={rel} mode=-1 length=4096",
+        f"path={rel} offset=lots length=4096",
+        f"path={rel} length=4096 colour=blue",
+        f"path={rel} keep_size=maybe length=4096",
+        "ino=two length=4096",
+        f"path='{rel} length=4096",
+    ]:
+        assert errno_of_write(root, "fallocate", text) == errno.EINVAL, text
+        assert control_read(root, "fallocate").startswith("error EINVAL: "), text
+    assert contents(path) == pattern(4 * BS)
+    shared_mount.check_log()
+
+
+def test_errno_passthrough(shared_mount: FuseMount, work: str) -> None:
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(4 * BS))
+    rel = os.path.relpath(path, root)
+    os.mkdir(os.path.join(work, "d"))
+    os.symlink("f", os.path.join(work, "l"))
+    cases = [
+        (f"path={rel} mode=collapse offset=0 length=4M", errno.EINVAL),  # past EOF
+        (f"path={rel} mode=collapse offset=0 length={4 * BS}", errno.EINVAL),  # to EOF
+        (f"path={rel} mode=collapse offset=100 length={BS}", errno.EINVAL),  # unaligned
+        (f"path={rel} mode=insert offset={4 * BS} length={BS}", errno.EINVAL),  # at EOF
+        (f"path={rel} mode=2 offset=0 length={BS}", errno.EOPNOTSUPP),  # punch w/o keep_size
+        (f"path={rel} mode=0x40 offset=0 length={BS}", errno.EOPNOTSUPP),
+        (f"path={rel} mode=collapse,keep_size offset=0 length={BS}", errno.EINVAL),
+        (f"path={rel} offset=0 length=0", errno.EINVAL),
+        (f"path={rel} offset=4P length=1P", errno.EFBIG),
+        (f"path={os.path.relpath(work, root)}/d length={BS}", errno.EISDIR),
+        (f"path={os.path.relpath(work, root)}/l length={BS}", errno.ENODEV),  # not followed
+        (f"path={os.path.relpath(work, root)}/missing length={BS}", errno.ENOENT),
+        (f"path={rel}/below length={BS}", errno.ENOTDIR),
+        (f"ino=999999 length={BS}", errno.ENOENT),
+    ]
+    for text, code in cases:
+        assert errno_of_write(root, "fallocate", text) == code, text
+        name = "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode[code]
+        assert control_read(root, "fallocate").startswith(f"error {name}: "), text
+    assert contents(path) == pattern(4 * BS)
+
+
+def test_stat_sees_the_new_size_at_once(shared_mount: FuseMount, work: str) -> None:
+    """The kernel caches attributes for 60 s: the control file invalidates them."""
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(8 * BS))
+    rel = os.path.relpath(path, root)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        time.sleep(0.01)
+        control_write(root, "fallocate", f"path={rel} mode=collapse offset={BS} length={3 * BS}")
+        assert os.stat(path).st_size == 5 * BS
+        after = os.fstat(fd)
+        assert after.st_size == 5 * BS
+        assert after.st_mtime_ns > before.st_mtime_ns
+        control_write(root, "fallocate", f"path={rel} mode=insert offset=0 length={4 * BS}")
+        assert os.fstat(fd).st_size == 9 * BS
+        control_write(root, "fallocate", f"path={rel} mode=alloc offset=0 length={12 * BS}")
+        assert os.fstat(fd).st_size == 12 * BS
+        assert os.fstat(fd).st_blocks >= 12 * BS // 512
+    finally:
+        os.close(fd)
+
+
+def test_private_mapping_sees_the_punch(shared_mount: FuseMount, work: str) -> None:
+    """Private mappings fill the kernel's page cache behind fusefs's back; the core
+    invalidates it (from a worker thread) when it changes the data under it."""
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, b"A" * (4 * BS))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 4 * BS, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+            assert m[BS : BS + 4] == b"AAAA"  # now in the kernel's page cache
+            rel = os.path.relpath(path, root)
+            control_write(root, "fallocate", f"path={rel} mode=punch offset={BS} length={BS}")
+            deadline = time.monotonic() + 5
+            while m[BS : BS + 4] != bytes(4):
+                assert time.monotonic() < deadline, "the kernel kept its stale page"
+                time.sleep(0.005)
+            assert m[0:4] == b"AAAA"
+    finally:
+        os.close(fd)
+
+
+def test_a_read_write_handle_reads_its_own_result(shared_mount: FuseMount, work: str) -> None:
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(4 * BS))
+    rel = os.path.relpath(path, root)
+    fd = os.open(os.path.join(root, ".fusefs", "fallocate"), os.O_RDWR)
+    try:
+        os.write(fd, f"path={rel} mode=punch offset=0 length={BS}".encode())
+        failing = f"path={rel} mode=collapse offset=0 length=1M"
+        assert errno_of_write(root, "fallocate", failing) == errno.EINVAL
+        assert os.pread(fd, 4096, 0).decode().startswith("ok ")
+        assert control_read(root, "fallocate").startswith("error EINVAL")
+    finally:
+        os.close(fd)
+
+
+# the command line:
+
+CLI_CASES = [
+    ([], 0, 3 * BS + 100, 6 * BS),
+    (["-n"], KEEP, BS, 20 * BS),
+    (["-p"], PUNCH | KEEP, BS + 10, 3 * BS),
+    (["--punch-hole", "--keep-size"], PUNCH | KEEP, 0, BS),
+    (["-z"], ZERO, 2 * BS - 5, 10 * BS),
+    (["-z", "-n"], ZERO | KEEP, 5, 30 * BS),
+    (["-c"], COLLAPSE, BS, 2 * BS),
+    (["--insert-range"], INSERT, 2 * BS, 3 * BS),
+]
+
+
+def test_cli_flags(shared_mount: FuseMount, work: str) -> None:
+    for i, (flags, mode, offset, length) in enumerate(CLI_CASES):
+        path = os.path.join(work, f"f{i}")
+        data = pattern(SIZE, i)
+        make(path, data)
+        done = fusefs("fallocate", *flags, "-o", str(offset), "-l", str(length), path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == ""
+        assert done.stderr == ""
+        want = model(data, mode, offset, length)
+        assert os.stat(path).st_size == len(want), flags
+        assert contents(path) == want, flags
+
+
+def test_cli_sizes_create_and_errors(shared_mount: FuseMount, work: str) -> None:
+    path = os.path.join(work, "new")
+    done = fusefs("fallocate", "-l", "1MiB", "-v", path)  # created, as fallocate(1) does
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{path}: ok ino=")
+    assert os.stat(path).st_size == 1 << 20
+    done = fusefs("fallocate", "-c", "-o", "4KiB", "-l", "1MB", path)  # 1 MB = 10**6: unaligned
+    assert done.returncode == 1
+    assert done.stderr.startswith("fusefs fallocate: Invalid argument: ")
+    assert "not aligned" in done.stderr
+    assert done.stderr.count("\n") == 1
+    done = fusefs("fallocate", "-c", "-o", "0", "-l", "2M", path)
+    assert done.returncode == 1
+    assert "reaches EOF" in done.stderr
+    assert os.stat(path).st_size == 1 << 20
+    done = fusefs("fallocate", "-c", "-l", "4K", "-o", "0x1000", path)
+    assert done.returncode == 0, done.stderr
+    assert os.stat(path).st_size == (1 << 20) - 4096
+    for args, words in [
+        (["-o", "0", path], "no length"),
+        (["-l", "lots", path], "invalid size"),
+        (["-l", "0", path], "invalid length"),
+        (["-c", "-n", "-l", "4K", path], "mutually exclusive"),
+    ]:
+        done = fusefs("fallocate", *args)
+        assert done.returncode == 1, args
+        assert done.stderr.startswith("fusefs fallocate: "), done.stderr
+        assert words in done.stderr, done.stderr
+    done = fusefs("fallocate", "-p", "-z", "-l", "4K", path)
+    assert done.returncode == 2  # argparse: mutually exclusive flags
+
+
+# drop_caches, pagecache_lock, and the kernel's fallocate(2):
+
+
+def test_drop_caches_file(shared_mount: FuseMount, work: str) -> None:
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    make(path, pattern(16 * BS))  # dirty pages
+    assert int(stats(root)["cache_pages"]) >= 16
+    control_write(root, "drop_caches", "1\n")
+    st = stats(root)
+    assert st["cache_dirty"] == "0"
+    assert int(st["cache_pages"]) < 16
+    assert contents(path) == pattern(16 * BS)
+    for bad in ("0", "2", "3", "yes"):
+        assert errno_of_write(root, "drop_caches", bad) == errno.EINVAL, bad
+    with pytest.raises(PermissionError):
+        control_read(root, "drop_caches")
+
+
+def test_pagecache_lock_file(shared_mount: FuseMount) -> None:
+    root = str(shared_mount.mountpoint)
+    assert control_read(root, "pagecache_lock") == "on\n"
+    try:
+        control_write(root, "pagecache_lock", "off")
+        assert control_read(root, "pagecache_lock") == "off\n"
+        assert stats(root)["pagecache_lock"] == "off"
+        for bad in ("1", "0", "enable", "on off"):
+            assert errno_of_write(root, "pagecache_lock", bad) == errno.EINVAL, bad
+    finally:
+        control_write(root, "pagecache_lock", "on\n")
+    assert control_read(root, "pagecache_lock") == "on\n"
+    done = fusefs("lock", root)
+    assert done.stdout == "on\n"
+    assert fusefs("lock", root, "off").returncode == 0
+    assert control_read(root, "pagecache_lock") == "off\n"
+    assert fusefs("lock", root, "on").returncode == 0
+    assert fusefs("drop-caches", root).returncode == 0
+
+
+def test_kernel_fallocate_is_not_supported(shared_mount: FuseMount, work: str) -> None:
+    """pyfuse3 3.5.0 has no fallocate handler: every mode fails with EOPNOTSUPP (the
+    kernel learns ENOSYS once and answers for the mount after that)."""
+    path = os.path.join(work, "f")
+    make(path, pattern(4 * BS))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for mode in (0, KEEP, PUNCH | KEEP, ZERO, ZERO | KEEP, COLLAPSE, INSERT):
+            with pytest.raises(OSError, match="not supported") as e:
+                kernel_fallocate(fd, mode, BS, BS)
+            assert e.value.errno == errno.EOPNOTSUPP, hex(mode)
+        assert os.fstat(fd).st_size == 4 * BS
+        # glibc's posix_fallocate falls back to writing a zero byte per block.
+        os.posix_fallocate(fd, 0, 8 * BS)
+        assert os.fstat(fd).st_size == 8 * BS
+        assert os.pread(fd, 8 * BS, 0) == pattern(4 * BS) + bytes(4 * BS)
+    finally:
+        os.close(fd)
