@@ -517,6 +517,12 @@ def _result(fd: int) -> str:
         return ""
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fusefs.demo import race_table  # the scenarios import the whole core
+
+    return 0 if race_table(set(args.race) if args.race else None) else 1
+
+
 # the parser:
 
 
@@ -600,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("lock", cmd_lock, "show or switch the pagecache add lock (on|off)")
     p.add_argument("mountpoint")
     p.add_argument("state", nargs="?", choices=["on", "off"])
+
+    p = command("demo", cmd_demo, "demonstrations: 'races' forces each race, lock off and on")
+    p.add_argument("what", choices=["races"])
+    p.add_argument(
+        "--race", type=int, action="append", metavar="N", help="only race N (repeatable)"
+    )
     return parser
 
 

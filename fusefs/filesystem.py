@@ -727,7 +727,7 @@ class Filesystem:
             st = mapping.lock.statistics()
             for key in totals:
                 totals[key] += getattr(st, key)
-        return totals
+        return {k: v if k.endswith("seconds") else int(v) for k, v in totals.items()}
 
     def stats(self) -> dict[str, object]:
         st = self.alloc.statistics()

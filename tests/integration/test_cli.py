@@ -207,3 +207,12 @@ def test_awkward_image_path_round_trips_through_mountinfo(tmp_path: Path) -> Non
     finally:
         m.teardown()
     assert Path(f"{image}.status").read_text().startswith("clean ")
+
+
+def test_demo_races_prints_the_table() -> None:
+    done = fusefs("demo", "races", "--race", "3")
+    assert done.returncode == 0, done.stderr
+    assert "buffered read vs" in done.stdout
+    assert "WRONG" in done.stdout
+    assert "right" in done.stdout
+    assert "Traceback" not in done.stderr
