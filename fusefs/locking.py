@@ -152,6 +152,18 @@ class InodeLock:
     async def acquire_exclusive(self) -> None:
         await self._acquire(True)
 
+    def acquire_exclusive_nowait(self) -> bool:
+        """Take the write lock if nobody holds or waits for it (trio's
+        ``acquire_nowait``): no checkpoint, no queueing.  For hot paths that
+        checkpoint elsewhere; on False they fall back to `acquire_exclusive`."""
+        task = trio.lowlevel.current_task()
+        if self._writer is task:
+            raise RuntimeError("InodeLock: task already holds this lock exclusively")
+        if self._queue or not self._can_grant(True):
+            return False
+        self._grant(True, task)
+        return True
+
     def release_shared(self) -> None:
         self._release(False, trio.lowlevel.current_task())
 

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUN_PAGES = 256  # 1 MiB at 4 KiB pages: one device write
+THROTTLE_BATCH = 1024  # pages a throttled writer writes back per round
 
 
 def _dirty_runs(mapping: Mapping, first: int, end: int) -> list[list[Page]]:
@@ -69,13 +70,24 @@ def _dirty_runs(mapping: Mapping, first: int, end: int) -> list[list[Page]]:
 
 
 async def writeback_range(
-    fs: Filesystem, mapping: Mapping, first: int = 0, end: int | None = None, *, wait: bool = True
+    fs: Filesystem,
+    mapping: Mapping,
+    first: int = 0,
+    end: int | None = None,
+    *,
+    wait: bool = True,
+    max_pages: int | None = None,
 ) -> None:
     """Write back the dirty pages of [first, end); with ``wait``, also wait for
     writeback already in flight there, so that on return nothing in the range
-    is dirty or under writeback (unless written again meanwhile)."""
+    is dirty or under writeback (unless written again meanwhile).  With
+    ``max_pages``, stop after about that many pages (throttled writers)."""
     stop = end if end is not None else 1 << 62
+    budget = max_pages if max_pages is not None else 1 << 62
     for run in _dirty_runs(mapping, first, stop):
+        if budget <= 0:
+            break
+        budget -= len(run)
         # A page may have been dropped or re-dirtied while an earlier run was written.
         run = [p for p in run if p.dirty and not p.writeback and mapping.get(p.index) is p]
         if run:
@@ -218,7 +230,9 @@ async def balance_dirty_pages(fs: Filesystem) -> None:
             continue
         before = cache.nr_dirty
         try:
-            await writeback_range(fs, mapping, wait=False)
+            # A bounded share, oldest mapping first: the writer pays for some
+            # writeback, not for the whole cache's.
+            await writeback_range(fs, mapping, wait=False, max_pages=THROTTLE_BATCH)
         except FsError as e:  # recorded on the mapping for fsync
             log.debug("balance_dirty_pages: %s", e)
         if cache.nr_dirty >= before:
