@@ -221,7 +221,7 @@ def machine_test(page_size: int) -> Any:
     )
     case = machine.TestCase
     case.settings = settings(
-        max_examples=100,
+        max_examples=80,
         stateful_step_count=40,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -71,6 +71,15 @@ class GenRadixMachine(RuleBasedStateMachine):
     def page_of(self, idx: int) -> int:
         return idx // self.rpp
 
+    def expected_page(self, pno: int) -> bytes:
+        page = bytearray(self.page_size)
+        size = self.rec.size
+        for idx, raw in self.model.items():
+            if self.page_of(idx) == pno:
+                slot = idx - pno * self.rpp
+                page[slot * size : (slot + 1) * size] = raw
+        return bytes(page)
+
     def store(self, idx: int, raw: bytes) -> None:
         self.pages.add(self.page_of(idx))
         if raw == self.zero:
@@ -133,9 +142,7 @@ class GenRadixMachine(RuleBasedStateMachine):
         want = sorted(p for p in self.pages if (p + 1) * self.rpp > start)
         assert [first // self.rpp for first, _ in got] == want
         for first, page in got:
-            for slot in range(self.rpp):
-                raw = page[slot * self.rec.size : (slot + 1) * self.rec.size]
-                assert raw == self.model.get(first + slot, self.zero)
+            assert page == self.expected_page(first // self.rpp)
 
     @rule(data=st.data())
     def prealloc(self, data: st.DataObject) -> None:
@@ -179,10 +186,10 @@ class GenRadixMachine(RuleBasedStateMachine):
         want = sorted(p for p in self.pages if p >= first)
         assert [pno for pno, _ in detached] == want
         for pno, page in detached:
-            for slot in range(self.rpp):
-                raw = page[slot * self.rec.size : (slot + 1) * self.rec.size]
-                assert raw == self.model.pop(pno * self.rpp + slot, self.zero)
+            assert page == self.expected_page(pno)
         self.pages.difference_update(want)
+        for idx in [i for i in self.model if self.page_of(i) >= first]:
+            del self.model[idx]
 
     @rule(data=st.data(), count=st.integers(1, 20))
     def attach_stretch(self, data: st.DataObject, count: int) -> None:
@@ -236,7 +243,7 @@ def machine_test(layout: str, page_size: int = 4096) -> Any:
     )
     case = machine.TestCase
     case.settings = settings(
-        max_examples=40,
+        max_examples=30,
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
