@@ -19,7 +19,7 @@ import pytest
 from .conftest import FuseMount
 
 BS = 4096
-WINDOW_MS = 600
+WINDOW_MS = 1000
 
 
 def stamp(block: int) -> bytes:
