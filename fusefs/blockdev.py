@@ -13,6 +13,17 @@ outside trio.
 Durability model: a write is durable once a later ``flush`` (fsync of the image)
 has returned.  `pending_writes` counts the writes issued since the last flush,
 which is what a power cut would lose.
+
+Power cuts are simulated by `fusefs.powercut.PowerCut`, armed by the environment
+(``FUSEFS_POWERCUT``) of the process that opens the device read-write: it stands
+in for the three system calls below (``self._pread``, ``self._pwrite``,
+``self._fdatasync``, which are otherwise ``os``'s own), so the checks and fault
+sites here run unchanged and the device without a simulator pays nothing.
+
+``blockdev_corrupt_write`` (class ``io:selftest``) exists to test the tools that
+test the filesystem: when fired, the write goes down with one sector of its first
+block scrambled and reports success -- silent corruption, which a fault campaign
+must report as such.  Campaigns leave ``selftest`` sites out unless asked.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
@@ -27,6 +39,7 @@ import trio
 
 from fusefs.errors import InUse, InvalidArgument, IOFailure
 from fusefs.faults import dynamic_fault
+from fusefs.powercut import CutPlan, PowerCut, record_path_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +72,19 @@ class BlockDevice:
             os.close(self._fd)
             raise InUse(f"{self.path}: image in use by another fusefs process") from None
         self.blocks = os.fstat(self._fd).st_size // block_size
+        # The system calls, replaced by the power-cut simulator's when it is armed.
+        self._pread: Callable[[int, int, int], bytes] = os.pread
+        self._pwrite: Callable[[int, bytes | bytearray | memoryview, int], int] = os.pwrite
+        self._fdatasync: Callable[[int], None] = os.fdatasync
+        self.powercut: PowerCut | None = None
+        if not read_only:
+            try:
+                plan = CutPlan.from_environment()
+            except InvalidArgument:
+                os.close(self._fd)
+                raise
+            if plan is not None:
+                self.arm_powercut(PowerCut(self._fd, block_size, plan))
         # Counters are touched from worker threads.
         self._stat_lock = threading.Lock()
         self._reads = 0
@@ -92,8 +118,19 @@ class BlockDevice:
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self.powercut is not None:
+                self.powercut.close()
             os.close(self._fd)
             self._fd = -1
+
+    def arm_powercut(self, powercut: PowerCut) -> None:
+        """Route the device's IO through a power-cut simulator (before any IO)."""
+        if powercut.record_path is None:
+            powercut.record_path = record_path_for(self.path)
+        self.powercut = powercut
+        self._pread = powercut.pread
+        self._pwrite = powercut.pwrite
+        self._fdatasync = powercut.fdatasync
 
     # checks:
 
@@ -111,7 +148,7 @@ class BlockDevice:
             raise IOFailure(f"blockdev: injected read error at block {pblk}")
         want = count * self.block_size
         try:
-            data = os.pread(self._fd, want, pblk * self.block_size)
+            data = self._pread(self._fd, want, pblk * self.block_size)
         except OSError as e:
             raise IOFailure(f"blockdev: read of block {pblk}: {e.strerror}") from e
         if len(data) != want:
@@ -129,8 +166,10 @@ class BlockDevice:
             raise IOFailure("blockdev: device opened read-only")
         if dynamic_fault("blockdev_write", cls="io:write"):
             raise IOFailure(f"blockdev: injected write error at block {pblk}")
+        if dynamic_fault("blockdev_corrupt_write", cls="io:selftest"):
+            data = _scramble(data, self.block_size)
         try:
-            done = os.pwrite(self._fd, data, pblk * self.block_size)
+            done = self._pwrite(self._fd, data, pblk * self.block_size)
         except OSError as e:
             raise IOFailure(f"blockdev: write of block {pblk}: {e.strerror}") from e
         if done != len(data):
@@ -144,7 +183,7 @@ class BlockDevice:
         if dynamic_fault("blockdev_flush", cls="io:flush"):
             raise IOFailure("blockdev: injected flush error")
         try:
-            os.fdatasync(self._fd)
+            self._fdatasync(self._fd)
         except OSError as e:
             raise IOFailure(f"blockdev: flush: {e.strerror}") from e
         with self._stat_lock:
@@ -164,3 +203,13 @@ class BlockDevice:
     async def flush(self) -> None:
         """Make every write issued so far durable."""
         await trio.to_thread.run_sync(self.flush_sync, limiter=self._limiter)
+
+
+def _scramble(data: bytes | bytearray | memoryview, block_size: int) -> bytes:
+    """``data`` with the middle sector of its first block inverted (a self-test
+    fault: the kind of damage only a checksum or a read-back can see)."""
+    out = bytearray(data)
+    start = block_size // 2 - 256 if block_size >= 1024 else 0
+    for i in range(start, start + 512):
+        out[i] ^= 0xFF
+    return bytes(out)

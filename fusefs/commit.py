@@ -177,7 +177,11 @@ class Committer:
                 await self.dev.write(pblk, padded[pos : pos + count * bs])
                 pos += count * bs
             await self.dev.write(header_blk, raw_header)
-            await self.dev.flush()
+            # The flush that makes the checkpoint (and all data) durable before
+            # the superblock names it.  The self-test site breaks that ordering
+            # on purpose, so that power-cut campaigns can show they catch it.
+            if not dynamic_fault("commit_skip_checkpoint_flush", cls="error:selftest"):
+                await self.dev.flush()
             sb = Superblock(
                 bs,
                 self.superblock.device_blocks,

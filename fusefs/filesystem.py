@@ -558,6 +558,15 @@ class Filesystem:
             if mapping is not None and (mapping.nr_dirty or mapping.nr_writeback):
                 first, end = offset // bs, -(-(offset + size) // bs)
                 await writeback_range(self, mapping, first, end, wait=True)
+                if any(p.dirty for p in mapping.range(first, end)):
+                    # The device holds older data than the cache: fail rather
+                    # than return it (the error stays for fsync to report too).
+                    error = mapping.error
+                    code = error.code if isinstance(error, FsError) else errno.EIO
+                    raise IOFailure(
+                        f"direct read of inode {inode.ino}: writeback of the range failed",
+                        errno=code,
+                    )
             return await direct.read_range(self.dev, inode.extents, inode.size, offset, size)
 
     async def _direct_write(self, handle: Handle, offset: int, data: bytes) -> int:

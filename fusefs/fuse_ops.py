@@ -40,6 +40,7 @@ import errno
 import functools
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -48,6 +49,7 @@ import trio
 
 from fusefs.control import CONTROL_NAME, ControlDir
 from fusefs.errors import FsError
+from fusefs.faults import dynamic_fault
 from fusefs.filesystem import Attr, Filesystem
 from fusefs.namespace import ROOT_INO
 
@@ -328,6 +330,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        # Self-test site: the daemon dies mid-request, so that campaigns can
+        # show they tell a crash (ENOTCONN) from a clean error.
+        if dynamic_fault("daemon_crash", cls="error:selftest"):
+            os.abort()
         if self.control.owns(fh):
             return await self.control.write(fh, buf)
         return await self.fs.write(fh, off, buf)
