@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fusefs.demo import race_table
+from tools.fault_campaign import run_demo as run_campaign_demo
 
 console = Console()
 
@@ -304,6 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     results.append(
         ("races (lock off wrong, lock on right)", "all six" if races_ok else "FAILED", 0.0)
     )
+    console.rule("fault campaign over the io class, and 20 power cuts")
+    with tempfile.TemporaryDirectory(prefix="fusefs-campaign-") as out:
+        start = time.perf_counter()
+        campaign_rc = run_campaign_demo(out)
+        results.append(
+            (
+                "campaign: io sites x oneshot, 20 power cuts",
+                "every run clean or not reached" if campaign_rc == 0 else "FAILURES (see above)",
+                time.perf_counter() - start,
+            )
+        )
 
     table = Table(title="fusefs demo summary")
     table.add_column("step")
@@ -312,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, outcome, secs in results:
         table.add_row(label, outcome, f"{secs:.2f}")
     console.print(table)
-    failed = not races_ok or any(
-        "mismatches" in o and not o.startswith("0 ") for _, o, _ in results
+    failed = (
+        not races_ok
+        or campaign_rc != 0
+        or any("mismatches" in o and not o.startswith("0 ") for _, o, _ in results)
     )
     return 1 if failed else 0
 

@@ -471,3 +471,21 @@ async def test_fsck_finds_double_mapping(image: Path) -> None:
     assert any("mapped by inode" in m for m in result.messages)
     assert (await trio.to_thread.run_sync(fsck, image, True)).exit_code == 1
     assert_fsck_clean(image)
+
+
+async def test_direct_read_after_failed_writeback_fails_instead_of_stale(fs: Filesystem) -> None:
+    fh, attr = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, UID, GID)
+    await fs.write(fh, 0, b"old!" * 1024)
+    await fs.fsync(fh, False)
+    await fs.write(fh, 0, b"new!" * 1024)  # dirty in the cache
+    dfh = await fs.open(attr.ino, os.O_RDONLY | os.O_DIRECT)
+    REGISTRY.control("name blockdev_write oneshot")
+    with pytest.raises(FsError) as e:
+        await fs.read(dfh, 0, 4096)  # the device still holds "old!"
+    assert errno_of(e) == errno.EIO
+    assert await fs.read(dfh, 0, 4096) == b"new!" * 1024  # the retry wrote it back
+    with pytest.raises(FsError):
+        await fs.fsync(fh, False)  # the writeback error is still reported, once
+    await fs.fsync(fh, False)
+    await fs.release(dfh)
+    await fs.release(fh)
