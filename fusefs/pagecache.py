@@ -93,6 +93,25 @@ class Page:
 
 
 @final
+class Fill:
+    """A fill in flight over [first, end): blocks being read, pages not yet in.
+
+    A page created in that range after the fill began (by a write) and then
+    evicted leaves no trace in the mapping, so the fill would insert data
+    older than what the cache already handed out.  Eviction marks such
+    indices ``stale`` and the fill does not insert them — the job the kernel
+    does by inserting locked pages before the read.
+    """
+
+    __slots__ = ("end", "first", "stale")
+
+    def __init__(self, first: int, end: int) -> None:
+        self.first = first
+        self.end = end
+        self.stale: set[int] = set()
+
+
+@final
 class Mapping:
     """One inode's pages and its pagecache add lock."""
 
@@ -106,6 +125,7 @@ class Mapping:
         self.nr_reserved = 0  # RESERVED pages: counted in st_blocks like delalloc
         # Signalled whenever a page of this mapping finishes writeback.
         self.writeback_done = trio.Event()
+        self.fills: list[Fill] = []  # fills in flight (see Fill)
         # The first writeback error not yet reported by fsync (errseq-like).
         self.error: Exception | None = None
 
@@ -186,6 +206,7 @@ class PageCache:
                 "readahead_used",
                 "readahead_wasted",
                 "readahead_abandoned",
+                "fill_stale",
                 "evictions",
                 "writeback_pages",
                 "writeback_runs",
@@ -311,6 +332,9 @@ class PageCache:
         while done < count and self.lru:
             page, _ = self.lru.popitem(last=False)
             self.lru[page] = None  # _remove pops it again
+            for fill in page.mapping.fills:
+                if fill.first <= page.index < fill.end:
+                    fill.stale.add(page.index)
             self._remove(page)
             done += 1
         self.counters["evictions"] += done

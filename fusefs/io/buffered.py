@@ -32,7 +32,7 @@ from fusefs.extents import ExtentMap
 from fusefs.faults import race_fault
 from fusefs.io import readahead
 from fusefs.io.writeback import balance_dirty_pages
-from fusefs.pagecache import ALLOCATED, UNALLOCATED, Mapping, Page
+from fusefs.pagecache import ALLOCATED, UNALLOCATED, Fill, Mapping, Page
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem, Handle
@@ -55,23 +55,36 @@ async def fill_pages(
     assert emap is not None
     bs = fs.block_size
     pages = [cache.new_page(mapping, first + i, UNALLOCATED) for i in range(count)]
-    for ext in emap.extents(first, first + count):
-        assert ext.pblk is not None
-        for i in range(ext.start - first, ext.start - first + ext.length):
-            pages[i].space = ALLOCATED
-        if ext.unwritten:
-            continue  # preallocated: reads as zeros
-        data = await fs.dev.read(ext.pblk, ext.length)
-        for j in range(ext.length):
-            pages[ext.start - first + j].data[:] = data[j * bs : (j + 1) * bs]
-    # The window the pagecache add lock closes: blocks read, pages not yet in.
-    if readahead_pages:
-        await race_fault("readahead_before_insert")
-    else:
-        await race_fault("buffered_read_before_insert")
+    fill = Fill(first, first + count)
+    mapping.fills.append(fill)
+    try:
+        for ext in emap.extents(first, first + count):
+            assert ext.pblk is not None
+            for i in range(ext.start - first, ext.start - first + ext.length):
+                pages[i].space = ALLOCATED
+            if ext.unwritten:
+                continue  # preallocated: reads as zeros
+            data = await fs.dev.read(ext.pblk, ext.length)
+            for j in range(ext.length):
+                pages[ext.start - first + j].data[:] = data[j * bs : (j + 1) * bs]
+        # The window the pagecache add lock closes: blocks read, pages not yet in.
+        if readahead_pages:
+            await race_fault("readahead_before_insert")
+        else:
+            await race_fault("buffered_read_before_insert")
+    finally:
+        mapping.fills.remove(fill)
     resident = []
     for page in pages:
         page.readahead = readahead_pages
+        if page.index in fill.stale:
+            # Newer data was cached here meanwhile, and evicted: ours is older.
+            cache.counters["fill_stale"] += 1
+            if readahead_pages:
+                cache.counters["readahead_wasted"] += 1
+            page.readahead = False
+            resident.append(page)  # the reader may use it: its read overlapped
+            continue
         got = cache.insert(page)
         resident.append(got)
     if readahead_pages:

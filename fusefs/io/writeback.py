@@ -88,10 +88,18 @@ async def writeback_range(
         if budget <= 0:
             break
         budget -= len(run)
-        # A page may have been dropped or re-dirtied while an earlier run was written.
-        run = [p for p in run if p.dirty and not p.writeback and mapping.get(p.index) is p]
-        if run:
-            await _write_run(fs, mapping, run)
+        while run:
+            # While earlier runs were written, pages of this one may have been
+            # dropped, or taken by another writeback (an fsync, a direct
+            # read's): what is left may have gaps, and _write_run needs
+            # contiguous pages, so write it piece by piece.
+            run = [p for p in run if p.dirty and not p.writeback and mapping.get(p.index) is p]
+            n = 1
+            while n < len(run) and run[n].index == run[n - 1].index + 1:
+                n += 1
+            if run:
+                await _write_run(fs, mapping, run[:n])
+            run = run[n:]
     if wait:
         await wait_writeback(mapping, first, stop)
 
@@ -104,6 +112,7 @@ async def wait_writeback(mapping: Mapping, first: int, end: int | None) -> None:
 
 
 async def _write_run(fs: Filesystem, mapping: Mapping, run: list[Page]) -> None:
+    # Caller passes contiguous pages (index, index + 1, ...), dirty, not under writeback.
     cache = fs.cache
     bs = fs.block_size
     inode = mapping.inode
