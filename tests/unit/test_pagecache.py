@@ -826,3 +826,26 @@ async def read_back(fs: Filesystem, ino: int, size: int) -> bytes:
         return await fs.read(fh, 0, size)
     finally:
         await fs.release(fh)
+
+
+async def test_fill_does_not_insert_data_older_than_an_evicted_write(fs: Filesystem) -> None:
+    """Both sides hold ADD, so the lock does not order them: a read fills a
+    page while a write to it is written back and evicted.  The fill must not
+    then insert the older data it read."""
+    fh, _ = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    await fs.write(fh, 0, b"o" * BS)
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    REGISTRY.control("name buffered_read_before_insert delay 300 times 1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.read, fh, 0, BS)
+        with trio.fail_after(10):
+            while REGISTRY.site("buffered_read_before_insert").fired == 0:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        await fs.write(fh, 0, b"N" * BS)  # the fill is in flight: no page yet
+        await fs.fsync(fh, False)
+        await fs.drop_caches()  # written back and evicted before the fill inserts
+    assert await fs.read(fh, 0, BS) == b"N" * BS
+    assert fs.cache.counters["fill_stale"] == 1
+    fs.cache.check()
+    await fs.release(fh)
