@@ -25,6 +25,7 @@ from rich.table import Table
 
 from fusefs.demo import race_table
 from tools.fault_campaign import run_demo as run_campaign_demo
+from tools.fsx import demo as fsx_demo
 
 console = Console()
 
@@ -278,6 +279,17 @@ def main(argv: list[str] | None = None) -> int:
                 "buffered + O_DIRECT + collapse/insert", results, lambda: mixed_io(mnt, args.seed)
             )
             timed("concurrent readers/O_DIRECT/fallocate", results, lambda: concurrent_mix(mnt))
+            console.rule("fusefs-fsx: stress, then seed 7 with the lock off and on")
+            fsx_log = Path(tmp) / "fsx-logs"
+            fsx_log.mkdir()
+            fsx_ok = fsx_demo(str(mnt), str(fsx_log))
+            results.append(
+                (
+                    "fsx: 2000 ops (buffered+O_DIRECT+every fallocate); lock off fails, on passes",
+                    "as expected" if fsx_ok else "UNEXPECTED (see above)",
+                    0.0,
+                )
+            )
             timed("sequential re-read of the tree", results, lambda: sequential_reads(mnt, digests))
             st = stats(mnt)
             timed("cache and lock", results, lambda: cache_summary(st))
