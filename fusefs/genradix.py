@@ -246,6 +246,19 @@ class GenRadix:
                 self._root = node = bytearray(self._page_size)
                 self._leaves += 1
             return node  # type: ignore[no-any-return]
+        node = self._leaf_parent(node, pno)
+        fanout, i = self._fanout, pno & self._mask
+        leaf: bytearray | None = node[i]
+        if leaf is None:
+            node[i] = leaf = bytearray(self._page_size)
+            node[fanout] += 1
+            self._leaves += 1
+        return leaf
+
+    def _leaf_parent(self, root: Any, pno: int) -> Any:
+        """The interior node whose slot holds leaf `pno` (depth >= 2), creating
+        the interior nodes on the way down as needed."""
+        node = root
         if node is None:
             self._root = node = self._new_interior()
         fanout, mask = self._fanout, self._mask
@@ -256,13 +269,7 @@ class GenRadix:
                 node[i] = child = self._new_interior()
                 node[fanout] += 1
             node = child
-        i = pno & mask
-        leaf: bytearray | None = node[i]
-        if leaf is None:
-            node[i] = leaf = bytearray(self._page_size)
-            node[fanout] += 1
-            self._leaves += 1
-        return leaf
+        return node
 
     def set_leaf(self, pno: int, page: bytearray) -> bytearray | None:
         """Install `page` as leaf `pno`; returns the leaf it replaces, if any."""
@@ -277,17 +284,8 @@ class GenRadix:
             if node is None:
                 self._leaves += 1
             return node  # type: ignore[no-any-return]
-        if node is None:
-            self._root = node = self._new_interior()
-        fanout, mask = self._fanout, self._mask
-        for shift in self._shifts[:-1]:
-            i = (pno >> shift) & mask
-            child = node[i]
-            if child is None:
-                node[i] = child = self._new_interior()
-                node[fanout] += 1
-            node = child
-        i = pno & mask
+        node = self._leaf_parent(node, pno)
+        fanout, i = self._fanout, pno & self._mask
         old: bytearray | None = node[i]
         node[i] = page
         if old is None:
