@@ -283,8 +283,8 @@ def quiet_mount(mnt: FuseMount) -> FuseMount:
 def test_planted_corruption_is_caught_and_replayed_exactly(
     quiet_mount: FuseMount, tmp_path: Path
 ) -> None:
-    if f"name:{CORRUPT_SITE} " not in control_read(quiet_mount.mountpoint, "dynamic_fault"):
-        pytest.skip(f"fusefs has no {CORRUPT_SITE} fault site")
+    listing = control_read(quiet_mount.mountpoint, "dynamic_fault")
+    assert f"name:{CORRUPT_SITE} " in listing, f"fusefs has no {CORRUPT_SITE} fault site"
     target = quiet_mount.path("c")
     fault = f"name {CORRUPT_SITE} oneshot"
     first = fsx_cli("-N", "300", "-S", "5", "-X", "--fault", fault, "-P", tmp_path / "a", target)
