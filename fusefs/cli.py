@@ -302,6 +302,21 @@ def _read_status(image: str) -> tuple[str, int, str] | None:
     return (state, int(pid), message) if pid.isdigit() else None
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait for a process that is not our child to exit (a pidfd becomes
+    readable when it does); True if it exited within ``timeout``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        # A zombie counts as gone: the daemon's work is over.
+        return bool(ready) or not _pid_alive(pid)
+    finally:
+        os.close(fd)
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     path, image = _fusefs_mount(args.mountpoint)
     try:
@@ -317,11 +332,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         _fail(reason[0].removeprefix("fusermount3: "))
-    deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            _fail(f"daemon (pid {pid}) still running {UMOUNT_TIMEOUT:.0f} s after the unmount")
-        time.sleep(0.02)
+    if not _wait_exit(pid, UMOUNT_TIMEOUT):
+        _fail(f"daemon (pid {pid}) still running {UMOUNT_TIMEOUT:.0f} s after the unmount")
     status = _read_status(image)
     if status is None or status[1] != pid:
         _fail(f"no shutdown status from daemon pid {pid} (in {image}.status)")
