@@ -2,7 +2,7 @@
 
 fusefs keeps its own page cache (the kernel's is bypassed with FUSE
 ``direct_io``, DESIGN §2).  A `Page` is one block of one file; a `Mapping` is
-one inode's pages, indexed by block number in a sorted dict so that range
+one inode's pages, indexed by block number in a `PageIndex` (chunked, ordered) so that range
 operations (write back, drop) cost the pages in the range, not the file.  Each
 mapping carries the inode's `PagecacheLock` — the pagecache add lock, the
 kernel's ``mapping->invalidate_lock``.
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
 import trio
-from sortedcontainers import SortedDict
 
 from fusefs.alloc import Allocator, Reservation
 from fusefs.faults import alloc_page
 from fusefs.locking import PagecacheLock
+from fusefs.pageindex import PageIndex
 
 if TYPE_CHECKING:
     from fusefs.inode import Inode
@@ -63,7 +63,6 @@ class Page:
 
     __slots__ = (
         "data",
-        "dirtied_at",
         "dirty",
         "index",
         "mapping",
@@ -82,7 +81,6 @@ class Page:
         self.writeback = False
         self.space = space
         self.readahead = False
-        self.dirtied_at = 0.0
 
     def __repr__(self) -> str:
         flags = [n for n in ("dirty", "writeback", "readahead") if getattr(self, n)]
@@ -103,12 +101,13 @@ class Fill:
     does by inserting locked pages before the read.
     """
 
-    __slots__ = ("end", "first", "stale")
+    __slots__ = ("done", "end", "first", "stale")
 
     def __init__(self, first: int, end: int) -> None:
         self.first = first
         self.end = end
         self.stale: set[int] = set()
+        self.done = trio.Event()  # set once its pages are in (or it gave up)
 
 
 @final
@@ -118,11 +117,17 @@ class Mapping:
     def __init__(self, cache: PageCache, inode: Inode, *, lock_enabled: bool = True) -> None:
         self.cache = cache
         self.inode = inode
-        self.pages: SortedDict[int, Page] = SortedDict()
+        self.pages: PageIndex[Page] = PageIndex()
         self.lock = PagecacheLock(enabled=lock_enabled)
         self.nr_dirty = 0
         self.nr_writeback = 0
         self.nr_reserved = 0  # RESERVED pages: counted in st_blocks like delalloc
+        # When the mapping last went from clean to dirty (the kernel's
+        # inode->dirtied_when): the flusher's age test.
+        self.dirtied_when = 0.0
+        # Where background and throttled writeback go on from (the kernel's
+        # writeback_index): they walk the file cyclically, not from 0 each time.
+        self.wb_index = 0
         # Signalled whenever a page of this mapping finishes writeback.
         self.writeback_done = trio.Event()
         self.fills: list[Fill] = []  # fills in flight (see Fill)
@@ -136,15 +141,32 @@ class Mapping:
         )
 
     def get(self, index: int) -> Page | None:
-        page: Page | None = self.pages.get(index)
-        return page
+        return self.pages.get(index)
+
+    def fill_at(self, index: int) -> Fill | None:
+        """The fill in flight over ``index``, if any."""
+        for fill in self.fills:
+            if fill.first <= index < fill.end:
+                return fill
+        return None
+
+    def start_fill(self, first: int, end: int) -> Fill:
+        """Register a fill of [first, end) about to begin (see `Fill`)."""
+        fill = Fill(first, end)
+        self.fills.append(fill)
+        return fill
+
+    def end_fill(self, fill: Fill) -> None:
+        """The fill is over (its pages are in, or it failed); wake its waiters."""
+        if fill in self.fills:
+            self.fills.remove(fill)
+        fill.done.set()
 
     def range(self, first: int, end: int) -> Iterator[Page]:
         """The resident pages with first <= index < end, in order."""
         if end <= first:
             return iter(())
-        pages = self.pages
-        return (pages[i] for i in list(pages.irange(first, end - 1)))
+        return iter(list(self.pages.values_in(first, end - 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,10 +340,7 @@ class PageCache:
             self.counters["readahead_wasted"] += 1
         if page.dirty:
             page.dirty = False
-            m.nr_dirty -= 1
-            self.nr_dirty -= 1
-            if m.nr_dirty == 0:
-                self.dirty_mappings.pop(m, None)
+            self._clean(m, 1)
             self._wake_cleaned()
         if page.space == RESERVED:
             self._unreserve(page)
@@ -329,12 +348,14 @@ class PageCache:
     def evict(self, count: int) -> int:
         """Evict up to ``count`` clean, idle pages, oldest first."""
         done = 0
-        while done < count and self.lru:
-            page, _ = self.lru.popitem(last=False)
-            self.lru[page] = None  # _remove pops it again
-            for fill in page.mapping.fills:
-                if fill.first <= page.index < fill.end:
-                    fill.stale.add(page.index)
+        lru = self.lru
+        while done < count and lru:
+            page = next(iter(lru))  # _remove takes it off the LRU
+            fills = page.mapping.fills
+            if fills:
+                for fill in fills:
+                    if fill.first <= page.index < fill.end:
+                        fill.stale.add(page.index)
             self._remove(page)
             done += 1
         self.counters["evictions"] += done
@@ -396,38 +417,47 @@ class PageCache:
             return
         m = page.mapping
         page.dirty = True
-        page.dirtied_at = time.monotonic()
+        if not m.nr_dirty:
+            m.dirtied_when = time.monotonic()
+            self.dirty_mappings[m] = None
         m.nr_dirty += 1
         self.nr_dirty += 1
-        self.dirty_mappings[m] = None
         self.lru.pop(page, None)
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
 
-    def start_writeback(self, page: Page) -> None:
-        m = page.mapping
-        page.dirty = False
-        page.writeback = True
-        m.nr_dirty -= 1
-        self.nr_dirty -= 1
-        m.nr_writeback += 1
-        self.nr_writeback += 1
+    def _clean(self, m: Mapping, n: int) -> None:
+        m.nr_dirty -= n
+        self.nr_dirty -= n
         if m.nr_dirty == 0:
             self.dirty_mappings.pop(m, None)
 
-    def end_writeback(self, page: Page, *, failed: bool) -> None:
-        m = page.mapping
-        page.writeback = False
-        m.nr_writeback -= 1
-        self.nr_writeback -= 1
-        if failed:
-            self.mark_dirty(page)
-        elif not page.dirty and page.index in m.pages and m.pages[page.index] is page:
-            self.lru[page] = None
-            # Dirty pages may have pushed the cache over its limit (one write
-            # can dirty more than the limit); clean, they are evictable again.
-            if self.nr_pages > self.max_pages:
-                self.evict(self.nr_pages - self.max_pages)
+    def start_writeback(self, pages: list[Page]) -> None:
+        """The pages (dirty, of one mapping) go under writeback and are no longer dirty."""
+        m = pages[0].mapping
+        for page in pages:
+            page.dirty = False
+            page.writeback = True
+        self._clean(m, len(pages))
+        m.nr_writeback += len(pages)
+        self.nr_writeback += len(pages)
+
+    def end_writeback(self, pages: list[Page], *, failed: bool) -> None:
+        """Writeback of the pages (of one mapping) is over; a failed one leaves them dirty."""
+        m = pages[0].mapping
+        m.nr_writeback -= len(pages)
+        self.nr_writeback -= len(pages)
+        lru = self.lru
+        for page in pages:
+            page.writeback = False
+            if failed:
+                self.mark_dirty(page)
+            elif not page.dirty and m.pages.get(page.index) is page:
+                lru[page] = None
+        # Dirty pages may have pushed the cache over its limit (one write can
+        # dirty more than the limit); clean, they are evictable again.
+        if self.nr_pages > self.max_pages:
+            self.evict(self.nr_pages - self.max_pages)
         m.writeback_done.set()
         m.writeback_done = trio.Event()
         self._wake_cleaned()

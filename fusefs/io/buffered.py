@@ -43,37 +43,43 @@ if TYPE_CHECKING:
 
 
 async def fill_pages(
-    fs: Filesystem, mapping: Mapping, first: int, count: int, *, readahead_pages: bool = False
+    fs: Filesystem,
+    mapping: Mapping,
+    first: int,
+    count: int,
+    *,
+    readahead_pages: bool = False,
+    fill: Fill | None = None,
 ) -> list[Page]:
     """Read blocks [first, first + count) from the device and insert them as pages.
 
     Caller must hold the mapping's ADD side (or BLOCK).  Returns the resident
-    pages (the ones inserted, or ones that got there first).
+    pages (the ones inserted, or ones that got there first).  ``fill`` is the
+    caller's registration of this range (`Mapping.start_fill`), if it made one
+    ahead of time; it ends here either way.
     """
     cache = fs.cache
     emap = mapping.inode.extents
     assert emap is not None
-    bs = fs.block_size
     pages = [cache.new_page(mapping, first + i, UNALLOCATED) for i in range(count)]
-    fill = Fill(first, first + count)
-    mapping.fills.append(fill)
+    if fill is None:
+        fill = mapping.start_fill(first, first + count)
     try:
         for ext in emap.extents(first, first + count):
             assert ext.pblk is not None
-            for i in range(ext.start - first, ext.start - first + ext.length):
-                pages[i].space = ALLOCATED
-            if ext.unwritten:
-                continue  # preallocated: reads as zeros
-            data = await fs.dev.read(ext.pblk, ext.length)
-            for j in range(ext.length):
-                pages[ext.start - first + j].data[:] = data[j * bs : (j + 1) * bs]
+            run = pages[ext.start - first : ext.start - first + ext.length]
+            for page in run:
+                page.space = ALLOCATED
+            if not ext.unwritten:  # preallocated blocks read as zeros
+                await fs.dev.read_into(ext.pblk, [page.data for page in run])
         # The window the pagecache add lock closes: blocks read, pages not yet in.
         if readahead_pages:
             await race_fault("readahead_before_insert")
         else:
             await race_fault("buffered_read_before_insert")
     finally:
-        mapping.fills.remove(fill)
+        # Waiters run only after this task's next checkpoint: the pages are in by then.
+        mapping.end_fill(fill)
     resident = []
     for page in pages:
         page.readahead = readahead_pages
@@ -170,9 +176,15 @@ async def _read_fill(
                 out.append(page)
                 index += 1
                 continue
+            fill = mapping.fill_at(index)
+            if fill is not None:
+                # Being read already (readahead, another reader): wait for that
+                # rather than read the blocks twice, then look again.
+                await fill.done.wait()
+                continue
             # A run of misses: fill it with as few device reads as possible.
             stop = index + 1
-            while stop <= last and stop not in pages:
+            while stop <= last and stop not in pages and mapping.fill_at(stop) is None:
                 stop += 1
             cache.counters["misses"] += stop - index
             out += await fill_pages(fs, mapping, index, stop - index)

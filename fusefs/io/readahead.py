@@ -5,12 +5,16 @@ is speculative, so it gives up rather than wait when a BLOCK holder holds or
 waits for the lock (truncate, fallocate, direct write are never delayed by it).
 No inode lock.
 
-State per open file (`ReadaheadState`): where the last read ended and the
-current window.  A read that starts where the previous one ended is sequential:
-the window doubles (from 4 pages up to 256 = 1 MiB at 4 KiB) and the pages
-after the read, up to the window, are prefetched by a background task, unless
-they are cached already or a prefetch is still in flight there.  A random read
-resets the window.
+State per open file (`ReadaheadState`): where the last read ended, the current
+window and how far prefetching has been started.  A read that starts where the
+previous one ended is sequential: the window doubles (from 4 pages up to 512 =
+2 MiB at 4 KiB).  Prefetching runs ahead of the reader asynchronously, as the
+kernel's async readahead does: once what is prefetched ahead of the read is
+less than half the window, the next stretch up to a full window ahead is
+started by a background task, so the device sees few, large reads and the
+reader finds its pages in (or on their way: a read that reaches pages whose
+prefetch is still in flight waits for it instead of reading them again).
+A random read resets the window.
 
 Pages brought in by readahead are flagged; the first read of one counts as
 *used*, dropping or evicting one unread counts as *wasted*.
@@ -25,16 +29,19 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 from fusefs.errors import FsError
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem, Handle
-    from fusefs.pagecache import Mapping
+    from fusefs.pagecache import Fill, Mapping
 
 log = logging.getLogger(__name__)
 
 MIN_WINDOW = 4
-MAX_WINDOW = 256
+MAX_WINDOW = 512
+FILL_PAGES = 256  # pages one prefetch read brings in: 1 MiB at 4 KiB
 
 
 @dataclass
@@ -57,11 +64,12 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
         return
     ra.next_index = last + 1
     ra.window = min(MAX_WINDOW, max(MIN_WINDOW, ra.window * 2))
+    ahead = ra.inflight_end - (last + 1)
+    if ahead >= ra.window // 2:
+        return  # enough in flight ahead of the reader
     start = max(last + 1, ra.inflight_end)
     eof_pages = -(-handle.inode.size // fs.block_size)
     stop = min(last + 1 + ra.window, eof_pages)
-    if start >= stop:
-        return
     # Skip what is cached already at the front of the window.
     while start < stop and start in mapping.pages:
         start += 1
@@ -73,27 +81,49 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
 
 async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> None:
     """Fill the missing pages of [start, stop) if the ADD side can be had now."""
-    from fusefs.io.buffered import fill_pages
-
     cache = fs.cache
     if not mapping.lock.add_tryget():
         cache.counters["readahead_abandoned"] += stop - start
         return
     cache.readahead_inflight += 1
+    fills: list[Fill] = []
     try:
+        # Register every piece first, so a reader that gets ahead of this task
+        # waits for the piece instead of reading it again.
         index = start
         while index < stop:
-            if index in mapping.pages:
+            if index in mapping.pages or mapping.fill_at(index) is not None:
                 index += 1
                 continue
             end = index + 1
-            while end < stop and end not in mapping.pages:
+            while (
+                end < stop
+                and end - index < FILL_PAGES
+                and end not in mapping.pages
+                and mapping.fill_at(end) is None
+            ):
                 end += 1
-            await fill_pages(fs, mapping, index, end - index, readahead_pages=True)
+            fills.append(mapping.start_fill(index, end))
             index = end
+        # The pieces go down together: one piece's pages are inserted while
+        # the device reads the next.
+        async with trio.open_nursery() as nursery:
+            for fill in fills:
+                nursery.start_soon(_fill_piece, fs, mapping, fill)
+    finally:
+        for fill in fills:
+            mapping.end_fill(fill)  # the ones not reached (failure, cancellation)
+        cache.readahead_inflight -= 1
+        mapping.lock.add_put()
+
+
+async def _fill_piece(fs: Filesystem, mapping: Mapping, fill: Fill) -> None:
+    from fusefs.io.buffered import fill_pages
+
+    try:
+        await fill_pages(
+            fs, mapping, fill.first, fill.end - fill.first, readahead_pages=True, fill=fill
+        )
     except FsError as e:
         # Speculative: a failed prefetch only costs the read that needs the page.
         log.debug("readahead of inode %d failed: %s", mapping.inode.ino, e)
-    finally:
-        cache.readahead_inflight -= 1
-        mapping.lock.add_put()

@@ -5,7 +5,8 @@ and BLOCK holders wait for that (`wait_writeback`) before they drop pages or
 change the mapping in their range; that is what lets writeback run without the
 inode lock and without the pagecache lock.
 
-One run of contiguous dirty pages is written at a time:
+Dirty pages are written in runs of contiguous pages, each found just before it
+is prepared (so a run never has a gap left by a concurrent writeback or drop):
 
 1. the pages are marked under writeback (no longer dirty; a write that comes
    in meanwhile dirties them again) and their contents are copied;
@@ -13,7 +14,11 @@ One run of contiguous dirty pages is written at a time:
    (an unwritten extent becomes written); pages over holes get blocks
    allocated — from the cache's reservation for ``RESERVED`` pages, so this
    cannot fail with ENOSPC;
-3. only after the device write are new blocks mapped (data before metadata).
+3. the device writes of up to ``BATCH_PAGES`` pages of runs go down in one
+   worker-thread call (a random writer's writeback is many one-page runs, and
+   a thread round trip costs more than the write);
+4. only after its device writes is a run's new blocks mapped (data before
+   metadata).
 
 A page over a hole that is *not* reserved is the state of race 6 in DESIGN §3:
 the cache believed the block allocated, the block was punched, and the write
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -54,19 +60,24 @@ log = logging.getLogger(__name__)
 
 MAX_RUN_PAGES = 256  # 1 MiB at 4 KiB pages: one device write
 THROTTLE_BATCH = 1024  # pages a throttled writer writes back per round
+BATCH_PAGES = 1024  # pages of runs one device call (one worker-thread trip) carries
+_END = 1 << 62  # past any page index
 
 
-def _dirty_runs(mapping: Mapping, first: int, end: int) -> list[list[Page]]:
-    """The dirty pages of [first, end) not under writeback, in contiguous runs."""
-    runs: list[list[Page]] = []
-    for page in mapping.range(first, end):
-        if not page.dirty or page.writeback:
-            continue
-        if runs and runs[-1][-1].index + 1 == page.index and len(runs[-1]) < MAX_RUN_PAGES:
-            runs[-1].append(page)
-        else:
-            runs.append([page])
-    return runs
+def _next_dirty_run(mapping: Mapping, first: int, end: int) -> list[Page]:
+    """The first run of contiguous dirty pages not under writeback in [first, end),
+    at most MAX_RUN_PAGES long (no await: the run is written straight away)."""
+    run: list[Page] = []
+    for page in mapping.pages.values_in(first, end - 1):
+        if page.dirty and not page.writeback:
+            if run and run[-1].index + 1 != page.index:
+                break
+            run.append(page)
+            if len(run) == MAX_RUN_PAGES:
+                break
+        elif run:
+            break
+    return run
 
 
 async def writeback_range(
@@ -82,50 +93,99 @@ async def writeback_range(
     writeback already in flight there, so that on return nothing in the range
     is dirty or under writeback (unless written again meanwhile).  With
     ``max_pages``, stop after about that many pages (throttled writers)."""
-    stop = end if end is not None else 1 << 62
-    budget = max_pages if max_pages is not None else 1 << 62
-    for run in _dirty_runs(mapping, first, stop):
-        if budget <= 0:
-            break
-        budget -= len(run)
-        while run:
-            # While earlier runs were written, pages of this one may have been
-            # dropped, or taken by another writeback (an fsync, a direct
-            # read's): what is left may have gaps, and _write_run needs
-            # contiguous pages, so write it piece by piece.
-            run = [p for p in run if p.dirty and not p.writeback and mapping.get(p.index) is p]
-            n = 1
-            while n < len(run) and run[n].index == run[n - 1].index + 1:
-                n += 1
-            if run:
-                await _write_run(fs, mapping, run[:n])
-            run = run[n:]
+    stop = end if end is not None else _END
+    budget = max_pages if max_pages is not None else _END
+    await _write_runs(fs, mapping, first, stop, budget)
     if wait:
         await wait_writeback(mapping, first, stop)
 
 
+async def _write_runs(
+    fs: Filesystem, mapping: Mapping, first: int, stop: int, budget: int
+) -> tuple[int, int]:
+    """Write the dirty runs of [first, stop) in order, about ``budget`` pages.
+    Returns where it stopped (``stop`` when it got there) and the budget left.
+    Each run is found just before it is prepared, so pages dropped or taken by
+    another writeback meanwhile are never in one; runs go to the device in
+    batches of up to BATCH_PAGES pages, one worker-thread call a batch."""
+    pos = first
+    while budget > 0:
+        batch: list[_RunIO] = []
+        npages = 0
+        exhausted = False
+        try:
+            while budget > 0 and npages < BATCH_PAGES:
+                run = _next_dirty_run(mapping, pos, stop)
+                if not run:
+                    exhausted = True
+                    break
+                budget -= len(run)
+                npages += len(run)
+                pos = run[-1].index + 1
+                io = _RunIO(run)
+                batch.append(io)
+                await _prepare(fs, mapping, io)
+            if batch:
+                await _submit(fs, mapping, batch)
+        except BaseException:
+            # Cancelled (unmount stops the flusher mid-batch): undo every run
+            # not finished, leaving its pages dirty.
+            for io in batch:
+                if not io.finished:
+                    _fail(fs, mapping, io, None)
+            raise
+        if exhausted:
+            return stop, budget
+    return pos, budget
+
+
+async def writeback_cyclic(fs: Filesystem, mapping: Mapping, max_pages: int) -> None:
+    """Background and throttled writeback: about ``max_pages`` pages from where
+    the last such pass on this mapping stopped, wrapping around at the end (the
+    kernel's range_cyclic), so that a writer appending to a file does not make
+    each pass walk the pages it cleaned before."""
+    start = mapping.wb_index
+    pos, budget = await _write_runs(fs, mapping, start, _END, max_pages)
+    if pos == _END:
+        pos = 0
+        if start and budget > 0:
+            pos, _ = await _write_runs(fs, mapping, 0, start, budget)
+            if pos == start:
+                pos = 0
+    mapping.wb_index = pos
+
+
 async def wait_writeback(mapping: Mapping, first: int, end: int | None) -> None:
     """Wait until no page of [first, end) is under writeback."""
-    stop = end if end is not None else 1 << 62
+    stop = end if end is not None else _END
     while mapping.nr_writeback and any(p.writeback for p in mapping.range(first, stop)):
         await mapping.writeback_done.wait()
 
 
-async def _write_run(fs: Filesystem, mapping: Mapping, run: list[Page]) -> None:
-    # Caller passes contiguous pages (index, index + 1, ...), dirty, not under writeback.
+@dataclass(slots=True)
+class _RunIO:
+    """One run's writeback in flight: its pages (contiguous, under writeback),
+    the blocks allocated for its holes and the device writes it needs."""
+
+    pages: list[Page]
+    new_runs: list[Run] = field(default_factory=list)
+    placements: list[tuple[int, int, int]] = field(default_factory=list)
+    writes: list[tuple[int, memoryview]] = field(default_factory=list)
+    finished: bool = False
+
+
+async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
+    """Take the run's pages under writeback, copy them, and allocate blocks for
+    its holes; a failure (ENOSPC without a reservation) finishes the run."""
     cache = fs.cache
     bs = fs.block_size
-    inode = mapping.inode
-    emap = inode.extents
+    run = io.pages
+    emap = mapping.inode.extents
     assert emap is not None
-    for page in run:
-        cache.start_writeback(page)
-    data = b"".join(page.data for page in run)
+    cache.start_writeback(run)
+    data = memoryview(b"".join(page.data for page in run))
     first = run[0].index
-    count = len(run)
     cache.counters["writeback_runs"] += 1
-    new_runs: list[Run] = []
-    failed = True
     try:
         await race_fault("writeback_before_lookup")
         # Which blocks are mapped now?  Holes need blocks.
@@ -136,62 +196,96 @@ async def _write_run(fs: Filesystem, mapping: Mapping, run: list[Page]) -> None:
             cache.counters["writeback_unreserved"] += unreserved
             log.error(
                 "writeback: inode %d: %d page(s) over holes without a reservation",
-                inode.ino,
+                mapping.inode.ino,
                 unreserved,
             )
         if holes:
-            hint = _hint(fs, inode.ino, first)
+            hint = _hint(fs, mapping.inode.ino, first)
             if reserved:
-                new_runs += fs.alloc.allocate(
+                io.new_runs += fs.alloc.allocate(
                     len(reserved), reservation=cache.reservation, hint=hint
                 )
                 for p in reserved:
                     cache.allocated(p)  # the reservation was consumed by allocate
             if unreserved:
-                new_runs += fs.alloc.allocate(unreserved, hint=hint)
-        placements = _place(holes, new_runs)
-        # Mapped blocks in place; new blocks where the holes were.
-        for ext in emap.extents(first, first + count):
-            assert ext.pblk is not None
-            pos = (ext.start - first) * bs
-            await fs.dev.write(ext.pblk, data[pos : pos + ext.length * bs])
-        for lblk, pblk, n in placements:
-            pos = (lblk - first) * bs
-            await fs.dev.write(pblk, data[pos : pos + n * bs])
+                io.new_runs += fs.alloc.allocate(unreserved, hint=hint)
+        io.placements = _place(holes, io.new_runs)
+    except FsError as e:
+        _fail(fs, mapping, io, e)
+        return
+    # Mapped blocks in place; new blocks where the holes were.
+    for ext in emap.extents(first, first + len(run)):
+        assert ext.pblk is not None
+        pos = (ext.start - first) * bs
+        io.writes.append((ext.pblk, data[pos : pos + ext.length * bs]))
+    for lblk, pblk, n in io.placements:
+        pos = (lblk - first) * bs
+        io.writes.append((pblk, data[pos : pos + n * bs]))
+
+
+async def _submit(fs: Filesystem, mapping: Mapping, batch: list[_RunIO]) -> None:
+    """The batch's device writes in one call, then each run mapped or failed."""
+    live = [io for io in batch if not io.finished]
+    errors = await fs.dev.write_many([w for io in live for w in io.writes])
+    results: list[FsError | None] = []
+    i = 0
+    for io in live:
+        n = len(io.writes)
+        results.append(next((e for e in errors[i : i + n] if e is not None), None))
+        i += n
+    for io, error in zip(live, results, strict=True):
+        if error is not None:
+            _fail(fs, mapping, io, error)
+            continue
+        # Data is on the device; the mapping change (metadata) comes after it.
         await race_fault("writeback_before_map")
-        for lblk, pblk, n in placements:
-            emap.map(lblk, pblk, n)
-        emap.mark_written(first, count)
-        for p in run:
-            p.space = ALLOCATED
-        failed = False
-        cache.counters["writeback_pages"] += count
-        if placements:
-            fs.mark_changed()
-    except BaseException as e:
-        # Undo what the run did to the allocator and the reservations, whether
-        # it failed or was cancelled (unmount stops the flusher mid-run).
-        for pblk, n in new_runs:
-            fs.alloc.free_now(pblk, n)
-        # Pages whose reservation the run consumed take one again; if there is
-        # no space left they stay unreserved (and dirty).
-        for p in run:
-            if p.space == ALLOCATED and emap.pblk_of(p.index) is None:
-                p.space = UNALLOCATED
-                with contextlib.suppress(FsError):
-                    cache.reserve(p)
-        if not isinstance(e, FsError):
-            raise
-        cache.counters["writeback_errors"] += 1
-        if mapping.error is None:
-            mapping.error = e
-        if isinstance(e, NoSpace):
-            log.error("writeback: inode %d: ENOSPC, %d page(s) stay dirty", inode.ino, count)
-        else:
-            log.error("writeback: inode %d blocks %d+%d: %s", inode.ino, first, count, e)
-    finally:
-        for page in run:
-            cache.end_writeback(page, failed=failed)
+        _finish(fs, mapping, io)
+
+
+def _finish(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
+    emap = mapping.inode.extents
+    assert emap is not None
+    run = io.pages
+    for lblk, pblk, n in io.placements:
+        emap.map(lblk, pblk, n)
+    emap.mark_written(run[0].index, len(run))
+    for p in run:
+        p.space = ALLOCATED
+    fs.cache.counters["writeback_pages"] += len(run)
+    if io.placements:
+        fs.mark_changed()
+    io.finished = True
+    fs.cache.end_writeback(run, failed=False)
+
+
+def _fail(fs: Filesystem, mapping: Mapping, io: _RunIO, error: FsError | None) -> None:
+    """Undo what the run did to the allocator and the reservations and leave its
+    pages dirty; ``error`` (None when cancelled) is recorded for fsync."""
+    cache = fs.cache
+    run = io.pages
+    emap = mapping.inode.extents
+    assert emap is not None
+    for pblk, n in io.new_runs:
+        fs.alloc.free_now(pblk, n)
+    # Pages whose reservation the run consumed take one again; if there is no
+    # space left they stay unreserved (and dirty).
+    for p in run:
+        if p.space == ALLOCATED and emap.pblk_of(p.index) is None:
+            p.space = UNALLOCATED
+            with contextlib.suppress(FsError):
+                cache.reserve(p)
+    io.finished = True
+    cache.end_writeback(run, failed=True)
+    if error is None:
+        return
+    cache.counters["writeback_errors"] += 1
+    if mapping.error is None:
+        mapping.error = error
+    ino, first, count = mapping.inode.ino, run[0].index, len(run)
+    if isinstance(error, NoSpace):
+        log.error("writeback: inode %d: ENOSPC, %d page(s) stay dirty", ino, count)
+    else:
+        log.error("writeback: inode %d blocks %d+%d: %s", ino, first, count, error)
 
 
 def _hint(fs: Filesystem, ino: int, lblk: int) -> int | None:
@@ -241,7 +335,7 @@ async def balance_dirty_pages(fs: Filesystem) -> None:
         try:
             # A bounded share, oldest mapping first: the writer pays for some
             # writeback, not for the whole cache's.
-            await writeback_range(fs, mapping, wait=False, max_pages=THROTTLE_BATCH)
+            await writeback_cyclic(fs, mapping, THROTTLE_BATCH)
         except FsError as e:  # recorded on the mapping for fsync
             log.debug("balance_dirty_pages: %s", e)
         if cache.nr_dirty >= before:
@@ -261,12 +355,10 @@ async def flusher(fs: Filesystem, *, interval: float = 0.5) -> None:
         deadline = time.monotonic() - DIRTY_EXPIRE_SECONDS
         for mapping in list(cache.dirty_mappings):
             pressure = cache.nr_dirty >= cache.background_limit
-            if not pressure and not any(
-                p.dirty and p.dirtied_at <= deadline for p in mapping.pages.values()
-            ):
+            if not pressure and mapping.dirtied_when > deadline:
                 continue
             try:
-                await writeback_range(fs, mapping, wait=False)
+                await writeback_cyclic(fs, mapping, _END)
             except FsError as e:  # recorded on the mapping already
                 log.debug("flusher: %s", e)
 

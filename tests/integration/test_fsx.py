@@ -169,7 +169,13 @@ def test_bad_replay_file_is_a_usage_error(
 
 
 def test_procs_on_a_plain_directory(tmp_path: Path) -> None:
-    done = fsx_cli("--procs", "3", "-N", "300", "-S", "4", "-P", tmp_path, tmp_path / "p")
+    # Without collapse and insert: on this machine's ext4 a buffered read racing
+    # a collapse now and then sees the collapsed range's hole before the shift
+    # (2 runs in 15 of this seed; docs/fsx.md) -- a finding about the host, not
+    # about the tool this test is for.
+    done = fsx_cli(
+        "--procs", "3", "-N", "300", "-S", "4", "-C", "-I", "-P", tmp_path, tmp_path / "p"
+    )
     assert done.returncode == 0, output(done)
     assert "no anomaly" in done.stdout
 
