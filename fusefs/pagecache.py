@@ -150,6 +150,13 @@ class Mapping:
                 return fill
         return None
 
+    def next_fill(self, index: int, stop: int) -> int:
+        """Where the first fill in flight starting in (index, stop) starts, or ``stop``."""
+        for fill in self.fills:
+            if index < fill.first < stop:
+                stop = fill.first
+        return stop
+
     def start_fill(self, first: int, end: int) -> Fill:
         """Register a fill of [first, end) about to begin (see `Fill`)."""
         fill = Fill(first, end)
@@ -291,7 +298,16 @@ class PageCache:
 
     def new_page(self, mapping: Mapping, index: int, space: int) -> Page:
         """A zeroed page, not yet inserted (memory fault site ``pagecache_page``)."""
-        return Page(mapping, index, alloc_page("pagecache_page", self.block_size), space)
+        return self.new_pages(mapping, index, 1, space)[0]
+
+    def new_pages(self, mapping: Mapping, first: int, count: int, space: int) -> list[Page]:
+        """Zeroed pages for [first, first + count), not yet inserted; each
+        page's allocation is a hit of the memory fault site ``pagecache_page``."""
+        bs = self.block_size
+        return [
+            Page(mapping, index, alloc_page("pagecache_page", bs), space)
+            for index in range(first, first + count)
+        ]
 
     def insert(self, page: Page) -> Page:
         """Insert a filled page unless one is there already; return the resident one.
@@ -322,6 +338,71 @@ class PageCache:
         self.lru[page] = None
         return page
 
+    def insert_filled(self, mapping: Mapping, pages: list[Page]) -> list[Page]:
+        """`insert` for a fill's pages (clean, ascending indices): returns the
+        resident page at each index, the new one or one that got there first."""
+        index = mapping.pages
+        if not pages:
+            return []
+        first = pages[0].index
+        consecutive = pages[-1].index - first == len(pages) - 1
+        if consecutive:
+            present = index.get_run(first, len(pages))
+        else:  # a fill with stale pages left out
+            present = [index.get(page.index) for page in pages]
+        if consecutive and present.count(None) == len(pages):  # the usual case
+            index.set_run(first, pages)
+            added = resident = pages
+        else:
+            counters = self.counters
+            resident = []
+            added = []
+            for page, existing in zip(pages, present, strict=True):
+                if existing is None:
+                    index[page.index] = page
+                    added.append(page)
+                    resident.append(page)
+                    continue
+                if page.readahead:  # see insert
+                    counters["readahead_wasted"] += 1
+                elif existing.readahead:
+                    existing.readahead = False
+                    counters["readahead_used"] += 1
+                resident.append(existing)
+        self.nr_pages += len(added)
+        lru = self.lru
+        for page in added:
+            lru[page] = None
+        # Older pages go first; a fill bigger than the room left evicts its own
+        # first pages too (clean: the caller still has them for its read).
+        if self.nr_pages > self.max_pages:
+            self.evict(self.nr_pages - self.max_pages)
+        return resident
+
+    def insert_dirty(self, mapping: Mapping, pages: list[Page]) -> None:
+        """Insert new pages a write has just filled, dirty, none of them cached.
+
+        Caller must hold the mapping's ADD side, with no await since it
+        checked that the indices are free.
+        """
+        if not pages:
+            return
+        index = mapping.pages
+        for page in pages:
+            page.dirty = True
+            index[page.index] = page
+        n = len(pages)
+        self.nr_pages += n
+        if not mapping.nr_dirty:
+            mapping.dirtied_when = time.monotonic()
+            self.dirty_mappings[mapping] = None
+        mapping.nr_dirty += n
+        self.nr_dirty += n
+        if self.nr_pages > self.max_pages:
+            self.evict(self.nr_pages - self.max_pages)
+        if self.nr_dirty >= self.background_limit:
+            self.kick.set()
+
     def touch(self, page: Page) -> None:
         """A hit: count it and move the page to the young end of the LRU."""
         self.counters["hits"] += 1
@@ -347,17 +428,24 @@ class PageCache:
 
     def evict(self, count: int) -> int:
         """Evict up to ``count`` clean, idle pages, oldest first."""
-        done = 0
         lru = self.lru
-        while done < count and lru:
-            page = next(iter(lru))  # _remove takes it off the LRU
-            fills = page.mapping.fills
-            if fills:
-                for fill in fills:
-                    if fill.first <= page.index < fill.end:
-                        fill.stale.add(page.index)
-            self._remove(page)
-            done += 1
+        done = min(count, len(lru))
+        wasted = 0
+        for _ in range(done):
+            page, _ = lru.popitem(last=False)
+            m = page.mapping
+            index = page.index
+            for fill in m.fills:
+                if fill.first <= index < fill.end:
+                    fill.stale.add(index)
+            del m.pages[index]
+            wasted += page.readahead
+            # LRU pages are clean and idle; a clean page over a hole may
+            # still hold a reservation (after a failed writeback).
+            if page.space == RESERVED:
+                self._unreserve(page)
+        self.nr_pages -= done
+        self.counters["readahead_wasted"] += wasted
         self.counters["evictions"] += done
         return done
 
@@ -399,18 +487,29 @@ class PageCache:
         self.nr_reserved += 1
         page.mapping.nr_reserved += 1
 
+    def allocated_pages(self, mapping: Mapping, pages: list[Page]) -> None:
+        """`allocated` for reserved pages of ``mapping`` whose reservation an
+        allocation consumed."""
+        for page in pages:
+            page.space = ALLOCATED
+        self.nr_reserved -= len(pages)
+        mapping.nr_reserved -= len(pages)
+
+    def reserve_pages(self, mapping: Mapping, pages: list[Page]) -> None:
+        """`reserve` for several unallocated pages of ``mapping``, all or none."""
+        if not pages:
+            return
+        self.reservation.add(len(pages))
+        for page in pages:
+            page.space = RESERVED
+        self.nr_reserved += len(pages)
+        mapping.nr_reserved += len(pages)
+
     def _unreserve(self, page: Page) -> None:
         self.reservation.release(1)
         page.space = UNALLOCATED
         self.nr_reserved -= 1
         page.mapping.nr_reserved -= 1
-
-    def allocated(self, page: Page) -> None:
-        """Writeback mapped the page's block; its reservation was consumed."""
-        if page.space == RESERVED:
-            self.nr_reserved -= 1
-            page.mapping.nr_reserved -= 1
-        page.space = ALLOCATED
 
     def mark_dirty(self, page: Page) -> None:
         if page.dirty:

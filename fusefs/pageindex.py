@@ -94,6 +94,52 @@ class PageIndex(Generic[V]):
             del self._chunks[cno], self._counts[cno]
             self._order.remove(cno)
 
+    def get_run(self, first: int, count: int) -> list[V | None]:
+        """The values at [first, first + count), None where there is none."""
+        out: list[V | None] = []
+        index = first
+        end = first + count
+        chunks = self._chunks
+        while index < end:
+            slot = index & _MASK
+            n = min(CHUNK - slot, end - index)
+            chunk = chunks.get(index >> CHUNK_SHIFT)
+            out += [None] * n if chunk is None else chunk[slot : slot + n]
+            index += n
+        return out
+
+    def set_run(self, first: int, values: list[V]) -> None:
+        """Store ``values`` (none of them None) at first, first + 1, ..."""
+        if first < 0:
+            raise KeyError(first)
+        index = first
+        end = first + len(values)
+        pos = 0
+        while index < end:
+            cno = index >> CHUNK_SHIFT
+            slot = index & _MASK
+            n = min(CHUNK - slot, end - index)
+            chunk = self._chunks.get(cno)
+            if chunk is None:
+                chunk = self._chunks[cno] = [None] * CHUNK
+                self._counts[cno] = 0
+                self._order.add(cno)
+            added = chunk[slot : slot + n].count(None)
+            chunk[slot : slot + n] = values[pos : pos + n]
+            self._counts[cno] += added
+            self._len += added
+            index += n
+            pos += n
+
+    def first_present(self, first: int, stop: int) -> int:
+        """The smallest key in [first, stop), or ``stop`` if there is none."""
+        for start, slots in self._slices(first, stop - 1):
+            if slots.count(None) != len(slots):
+                for i, value in enumerate(slots):
+                    if value is not None:
+                        return start + i
+        return stop
+
     def _slices(self, first: int, last: int | None) -> Iterator[tuple[int, list[V | None]]]:
         """For each chunk holding keys in [first, last]: the key of its first
         slot in range and its slots cut to the range."""

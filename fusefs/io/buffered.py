@@ -61,11 +61,12 @@ async def fill_pages(
     cache = fs.cache
     emap = mapping.inode.extents
     assert emap is not None
-    pages = [cache.new_page(mapping, first + i, UNALLOCATED) for i in range(count)]
+    pages = cache.new_pages(mapping, first, count, UNALLOCATED)
     if fill is None:
         fill = mapping.start_fill(first, first + count)
     try:
-        for ext in emap.extents(first, first + count):
+        # A list: writeback may map blocks of this range while the device reads.
+        for ext in list(emap.extents(first, first + count)):
             assert ext.pblk is not None
             run = pages[ext.start - first : ext.start - first + ext.length]
             for page in run:
@@ -80,19 +81,25 @@ async def fill_pages(
     finally:
         # Waiters run only after this task's next checkpoint: the pages are in by then.
         mapping.end_fill(fill)
-    resident = []
-    for page in pages:
-        page.readahead = readahead_pages
-        if page.index in fill.stale:
+    if readahead_pages:
+        for page in pages:
+            page.readahead = True
+    stale = fill.stale
+    if not stale:
+        resident = cache.insert_filled(mapping, pages)
+    else:
+        inserted = iter(cache.insert_filled(mapping, [p for p in pages if p.index not in stale]))
+        resident = []
+        for page in pages:
+            if page.index not in stale:
+                resident.append(next(inserted))
+                continue
             # Newer data was cached here meanwhile, and evicted: ours is older.
             cache.counters["fill_stale"] += 1
             if readahead_pages:
                 cache.counters["readahead_wasted"] += 1
             page.readahead = False
             resident.append(page)  # the reader may use it: its read overlapped
-            continue
-        got = cache.insert(page)
-        resident.append(got)
     if readahead_pages:
         cache.counters["readahead_issued"] += count
     return resident
@@ -117,15 +124,13 @@ def _cached(fs: Filesystem, mapping: Mapping, offset: int, end: int) -> bytes | 
             return None
         fs.cache.touch(page)
         return bytes(page.data[head : head + end - offset])
-    found: list[Page] = []
-    for index in range(first, last + 1):
-        page = pages.get(index)
-        if page is None:
-            return None
-        found.append(page)
-    for page in found:
+    found = pages.get_run(first, last + 1 - first)
+    if None in found:
+        return None
+    resident: list[Page] = found  # type: ignore[assignment]  # no None left
+    for page in resident:
         fs.cache.touch(page)
-    return _gather(found, head, end - offset)
+    return _gather(resident, head, end - offset)
 
 
 def _gather(pages: list[Page], head: int, length: int) -> bytes:
@@ -183,9 +188,7 @@ async def _read_fill(
                 await fill.done.wait()
                 continue
             # A run of misses: fill it with as few device reads as possible.
-            stop = index + 1
-            while stop <= last and stop not in pages and mapping.fill_at(stop) is None:
-                stop += 1
+            stop = pages.first_present(index, mapping.next_fill(index, last + 1))
             cache.counters["misses"] += stop - index
             out += await fill_pages(fs, mapping, index, stop - index)
             index = stop
@@ -196,22 +199,87 @@ async def _read_fill(
 
 
 async def _page_for_write(
-    fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, full: bool, size: int
+    fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, size: int
 ) -> Page:
-    """The cached page at ``index``, or a new one with its old contents."""
+    """The cached page at ``index`` for a partial write, or a new one with its
+    old contents."""
     cache = fs.cache
     page = mapping.get(index)
     if page is not None:
         cache.touch(page)
         return page
     bs = fs.block_size
-    if not full and index * bs < size and emap.pblk_of(index) is not None:
+    mapped = emap.pblk_of(index) is not None
+    if mapped and index * bs < size:
         # Read-modify-write: the bytes around the write come from the block.
         cache.counters["misses"] += 1
         (page,) = await fill_pages(fs, mapping, index, 1)
         return page
-    space = ALLOCATED if emap.pblk_of(index) is not None else UNALLOCATED
-    return cache.insert(cache.new_page(mapping, index, space))
+    return cache.insert(cache.new_page(mapping, index, ALLOCATED if mapped else UNALLOCATED))
+
+
+def _write_whole_pages(
+    fs: Filesystem, mapping: Mapping, emap: ExtentMap, first: int, src: memoryview
+) -> int:
+    """Write ``src`` over the whole pages from ``first`` on, with no await.
+
+    Cached pages are overwritten; missing ones are made from the new bytes
+    (nothing to read: every byte is replaced) and inserted dirty together.
+    Pages over holes are reserved together.  Returns the bytes written: short
+    if the filesystem fills up partway (the pages up to the first that could
+    not be reserved), `NoSpace` if not even the first page could be.
+    """
+    cache = fs.cache
+    bs = fs.block_size
+    count = len(src) // bs
+    resident = mapping.pages
+    pages: list[Page] = []
+    fresh: list[Page] = []
+    cached: list[Page] = []
+    holes: list[Page] = []  # over a hole and not yet reserved
+    # Whether each block is mapped: the extents once, not a lookup per page.
+    mapped = list(emap.extents(first, first + count))
+    whole = sum(e.length for e in mapped)
+    for index in range(first, first + count):
+        page = resident.get(index)
+        if page is None:
+            if not whole or whole == count:
+                space = ALLOCATED if whole else UNALLOCATED
+            else:
+                space = UNALLOCATED if emap.pblk_of(index) is None else ALLOCATED
+            page = cache.new_page(mapping, index, space)
+            fresh.append(page)
+        else:
+            cache.touch(page)
+            cached.append(page)
+        if page.space == UNALLOCATED:
+            holes.append(page)
+        pages.append(page)
+    try:
+        cache.reserve_pages(mapping, holes)
+    except NoSpace:
+        got = 0
+        for page in holes:  # as many as there is room for, in order
+            try:
+                cache.reserve(page)
+            except NoSpace:
+                if page.index == first:
+                    raise
+                break
+            got += 1
+        if got < len(holes):
+            count = holes[got].index - first
+            pages = pages[:count]
+            fresh = [p for p in fresh if p.index < first + count]
+            cached = [p for p in cached if p.index < first + count]
+    for i, page in enumerate(pages):
+        page.data[:] = src[i * bs : (i + 1) * bs]
+    # Dirty the cached pages before inserting the new ones: inserting may
+    # evict clean pages, and these are not clean any more.
+    for page in cached:
+        cache.mark_dirty(page)
+    cache.insert_dirty(mapping, fresh)
+    return count * bs
 
 
 async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int:
@@ -241,20 +309,28 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
             while pos < end:
                 index = pos // bs
                 start = pos - index * bs
-                n = min(bs - start, end - pos)
-                page = await _page_for_write(fs, mapping, emap, index, n == bs, inode.size)
+                want = min(bs - start, end - pos)
                 try:
-                    cache.reserve(page)
+                    if start == 0 and want == bs:
+                        # A stretch of whole pages: no read, no await.
+                        want = (end - pos) // bs * bs
+                        n = _write_whole_pages(fs, mapping, emap, index, view[done : done + want])
+                    else:
+                        page = await _page_for_write(fs, mapping, emap, index, inode.size)
+                        cache.reserve(page)
+                        page.data[start : start + want] = view[done : done + want]
+                        cache.mark_dirty(page)
+                        n = want
                 except NoSpace:
                     if done == 0:
                         raise
                     break
-                page.data[start : start + n] = view[done : done + n]
-                cache.mark_dirty(page)
                 done += n
                 pos += n
                 if pos > inode.size:
                     inode.size = pos
+                if n < want:
+                    break  # ENOSPC partway through a stretch: a short write
         finally:
             mapping.lock.add_put()
         inode.touch(m=True)

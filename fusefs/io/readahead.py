@@ -95,14 +95,9 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
             if index in mapping.pages or mapping.fill_at(index) is not None:
                 index += 1
                 continue
-            end = index + 1
-            while (
-                end < stop
-                and end - index < FILL_PAGES
-                and end not in mapping.pages
-                and mapping.fill_at(end) is None
-            ):
-                end += 1
+            # Up to the next cached page or fill in flight, at most FILL_PAGES.
+            end = min(index + FILL_PAGES, stop)
+            end = mapping.pages.first_present(index, mapping.next_fill(index, end))
             fills.append(mapping.start_fill(index, end))
             index = end
         # The pieces go down together: one piece's pages are inserted while

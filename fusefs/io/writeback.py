@@ -43,6 +43,7 @@ import trio
 
 from fusefs.alloc import Run
 from fusefs.errors import FsError, NoSpace
+from fusefs.extents import Extent
 from fusefs.faults import race_fault
 from fusefs.pagecache import (
     ALLOCATED,
@@ -189,7 +190,8 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
     try:
         await race_fault("writeback_before_lookup")
         # Which blocks are mapped now?  Holes need blocks.
-        holes = [p for p in run if emap.pblk_of(p.index) is None]
+        mapped = list(emap.extents(first, first + len(run)))
+        holes = _holes(run, mapped)
         reserved = [p for p in holes if p.space == RESERVED]
         unreserved = len(holes) - len(reserved)
         if unreserved:
@@ -205,8 +207,8 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
                 io.new_runs += fs.alloc.allocate(
                     len(reserved), reservation=cache.reservation, hint=hint
                 )
-                for p in reserved:
-                    cache.allocated(p)  # the reservation was consumed by allocate
+                # The reservation was consumed by allocate.
+                cache.allocated_pages(mapping, reserved)
             if unreserved:
                 io.new_runs += fs.alloc.allocate(unreserved, hint=hint)
         io.placements = _place(holes, io.new_runs)
@@ -214,7 +216,7 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
         _fail(fs, mapping, io, e)
         return
     # Mapped blocks in place; new blocks where the holes were.
-    for ext in emap.extents(first, first + len(run)):
+    for ext in mapped:
         assert ext.pblk is not None
         pos = (ext.start - first) * bs
         io.writes.append((ext.pblk, data[pos : pos + ext.length * bs]))
@@ -296,21 +298,47 @@ def _hint(fs: Filesystem, ino: int, lblk: int) -> int | None:
     return None if prev is None else prev + 1
 
 
+def _holes(run: list[Page], mapped: list[Extent]) -> list[Page]:
+    """The pages of ``run`` outside the ``mapped`` extents (ascending, clipped to it)."""
+    if not mapped:
+        return run
+    first = run[0].index
+    holes: list[Page] = []
+    pos = 0
+    for ext in mapped:
+        holes += run[pos : ext.start - first]
+        pos = ext.start - first + ext.length
+    holes += run[pos:]
+    return holes
+
+
 def _place(holes: list[Page], runs: list[Run]) -> list[tuple[int, int, int]]:
     """Lay physical runs over the hole pages (sorted): (lblk, pblk, n) pieces."""
     out: list[tuple[int, int, int]] = []
     it = iter(runs)
     rp, rn = 0, 0
-    for page in holes:
-        if rn == 0:
-            rp, rn = next(it)
-        if out and out[-1][0] + out[-1][2] == page.index and out[-1][1] + out[-1][2] == rp:
-            lblk, pblk, n = out[-1]
-            out[-1] = (lblk, pblk, n + 1)
-        else:
-            out.append((page.index, rp, 1))
-        rp += 1
-        rn -= 1
+    i = 0
+    while i < len(holes):
+        # A stretch of consecutive indices, taken whole when it is one.
+        j = len(holes)
+        if holes[-1].index - holes[i].index != j - 1 - i:
+            j = i + 1
+            while j < len(holes) and holes[j].index == holes[j - 1].index + 1:
+                j += 1
+        lblk, left = holes[i].index, j - i
+        while left:
+            if rn == 0:
+                rp, rn = next(it)
+            n = min(left, rn)
+            if out and out[-1][0] + out[-1][2] == lblk and out[-1][1] + out[-1][2] == rp:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+            else:
+                out.append((lblk, rp, n))
+            lblk += n
+            rp += n
+            rn -= n
+            left -= n
+        i = j
     return out
 
 

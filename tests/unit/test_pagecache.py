@@ -402,6 +402,40 @@ async def test_truncate_and_unlink_release_reservations(fs: Filesystem) -> None:
     assert fs.alloc.statistics().reserved == reserved_before
 
 
+async def test_a_whole_page_stretch_over_mixed_pages(fs: Filesystem) -> None:
+    """One write over eight whole pages: 0-3 mapped and cached clean, 4 a
+    cached hole already dirty and reserved, 5 mapped and not cached, 6-7
+    holes not cached.  Every page gets the new bytes, exactly the holes not
+    yet reserved take a reservation (taken page by page when the bulk request
+    fails), and the accounting stays exact."""
+    fh, ino = await create(fs, b"f")
+    old = pattern(8 * BS, 30)
+    await fs.write(fh, 0, old[: 4 * BS])
+    await fs.write(fh, 5 * BS, old[5 * BS : 6 * BS])
+    await fs.fsync(fh, False)
+    m = mapping_of(fs, ino)
+    fs.cache.drop_range(m, 5, 6, discard_dirty=False)  # 5: mapped, not cached
+    await fs.write(fh, 4 * BS + 10, b"ab")  # 4: a dirty, reserved hole page
+    assert m.pages[4].space == RESERVED
+    assert fs.cache.nr_reserved == 1
+    new = pattern(8 * BS, 31)
+    REGISTRY.control("name alloc_reserve oneshot")  # the bulk reservation fails once
+    assert await fs.write(fh, 0, new) == 8 * BS
+    assert REGISTRY.site("alloc_reserve").fired == 1
+    assert [m.pages[i].space for i in range(8)] == [ALLOCATED] * 4 + [RESERVED] + [ALLOCATED] + [
+        RESERVED
+    ] * 2
+    assert fs.cache.nr_reserved == 3
+    assert all(m.pages[i].dirty for i in range(8))
+    check(fs)
+    assert await fs.read(fh, 0, 8 * BS) == new
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    assert await fs.read(fh, 0, 8 * BS) == new
+    check(fs)
+    await fs.release(fh)
+
+
 async def test_enospc_comes_from_write_never_from_writeback(tiny_fs: Filesystem) -> None:
     fs = tiny_fs
     free = fs.alloc.statistics().free

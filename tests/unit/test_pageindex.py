@@ -29,6 +29,23 @@ class PageIndexMachine(RuleBasedStateMachine):
         self.index[key] = value
         self.model[key] = value
 
+    @rule(first=keys, values=st.lists(st.text(min_size=1, max_size=2), max_size=3 * CHUNK))
+    def set_run(self, first: int, values: list[str]) -> None:
+        self.index.set_run(first, values)
+        for i, value in enumerate(values):
+            self.model[first + i] = value
+
+    @rule(first=keys, count=st.integers(0, 3 * CHUNK))
+    def get_run(self, first: int, count: int) -> None:
+        want = [self.model.get(k) for k in range(first, first + count)]
+        assert self.index.get_run(first, count) == want
+
+    @rule(first=keys, span=st.integers(0, 3 * CHUNK))
+    def first_present(self, first: int, span: int) -> None:
+        stop = first + span
+        want = min((k for k in self.model if first <= k < stop), default=stop)
+        assert self.index.first_present(first, stop) == want
+
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
@@ -66,6 +83,7 @@ class PageIndexMachine(RuleBasedStateMachine):
         a, b = sorted(data.draw(st.sampled_from(sorted(self.model))) for _ in range(2))
         self.walk(max(a + nudge, 0), b - a)
         self.walk(a, b - a + nudge)
+        self.first_present(max(a + nudge, 0), b - a + 1)
 
     @invariant()
     def agrees(self) -> None:
