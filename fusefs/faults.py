@@ -733,9 +733,11 @@ def _injected_oom(site: _Site) -> OutOfMemory:
     return OutOfMemory(f"{site.info.name}: injected allocation failure ({site.info.location})")
 
 
-def _allocate(name: str, size: int) -> bytearray:
+def _allocate(
+    name: str, size: int, init: bytes | bytearray | memoryview | None = None
+) -> bytearray:
     try:
-        return bytearray(size)
+        return bytearray(size) if init is None else bytearray(init)
     except MemoryError:
         raise OutOfMemory(f"{name}: cannot allocate {size} bytes") from None
 
@@ -778,15 +780,22 @@ def memory_fault(name: str, cls: str = "memory") -> None:
             raise _injected_oom(REGISTRY._by_name[name]) from None
 
 
-def alloc_page(name: str, size: int, *, cls: str = "memory:page") -> bytearray:
-    """A zeroed page of ``size`` bytes, or `OutOfMemory` if the site fires."""
+def alloc_page(
+    name: str,
+    size: int,
+    *,
+    cls: str = "memory:page",
+    init: bytes | bytearray | memoryview | None = None,
+) -> bytearray:
+    """A zeroed page of ``size`` bytes (a copy of ``init``, of that size, when
+    given), or `OutOfMemory` if the site fires."""
     try:
         if next(_TICKS[name], True) and REGISTRY._hit(name):
             raise _injected_oom(REGISTRY._by_name[name])
     except KeyError:
         if REGISTRY._first_hit(name, cls, "alloc_page", sys._getframe(1)):
             raise _injected_oom(REGISTRY._by_name[name]) from None
-    return _allocate(name, size)
+    return _allocate(name, size, init)
 
 
 def alloc_buffer(name: str, size: int, *, cls: str = "memory:buffer") -> bytearray:

@@ -300,13 +300,23 @@ class PageCache:
         """A zeroed page, not yet inserted (memory fault site ``pagecache_page``)."""
         return self.new_pages(mapping, index, 1, space)[0]
 
-    def new_pages(self, mapping: Mapping, first: int, count: int, space: int) -> list[Page]:
-        """Zeroed pages for [first, first + count), not yet inserted; each
-        page's allocation is a hit of the memory fault site ``pagecache_page``."""
+    def new_pages(
+        self, mapping: Mapping, first: int, count: int, space: int, data: memoryview | None = None
+    ) -> list[Page]:
+        """Pages for [first, first + count), not yet inserted: zeroed, or
+        holding ``data`` (``count`` blocks of it).  Each page's allocation is a
+        hit of the memory fault site ``pagecache_page``."""
         bs = self.block_size
         return [
-            Page(mapping, index, alloc_page("pagecache_page", bs), space)
-            for index in range(first, first + count)
+            Page(
+                mapping,
+                first + i,
+                alloc_page(
+                    "pagecache_page", bs, init=None if data is None else data[i * bs : (i + 1) * bs]
+                ),
+                space,
+            )
+            for i in range(count)
         ]
 
     def insert(self, page: Page) -> Page:
@@ -390,7 +400,11 @@ class PageCache:
         index = mapping.pages
         for page in pages:
             page.dirty = True
-            index[page.index] = page
+        if pages[-1].index - pages[0].index == len(pages) - 1:
+            index.set_run(pages[0].index, pages)
+        else:
+            for page in pages:
+                index[page.index] = page
         n = len(pages)
         self.nr_pages += n
         if not mapping.nr_dirty:
@@ -431,6 +445,10 @@ class PageCache:
         lru = self.lru
         done = min(count, len(lru))
         wasted = 0
+        # Pages leave their mapping's index a stretch of consecutive indices
+        # at a time (pages read or written together age together).
+        run_map: Mapping | None = None
+        run_first = run_end = 0
         for _ in range(done):
             page, _ = lru.popitem(last=False)
             m = page.mapping
@@ -438,12 +456,19 @@ class PageCache:
             for fill in m.fills:
                 if fill.first <= index < fill.end:
                     fill.stale.add(index)
-            del m.pages[index]
+            if m is run_map and index == run_end:
+                run_end += 1
+            else:
+                if run_map is not None:
+                    run_map.pages.clear_run(run_first, run_end - run_first)
+                run_map, run_first, run_end = m, index, index + 1
             wasted += page.readahead
             # LRU pages are clean and idle; a clean page over a hole may
             # still hold a reservation (after a failed writeback).
             if page.space == RESERVED:
                 self._unreserve(page)
+        if run_map is not None:
+            run_map.pages.clear_run(run_first, run_end - run_first)
         self.nr_pages -= done
         self.counters["readahead_wasted"] += wasted
         self.counters["evictions"] += done
@@ -542,17 +567,23 @@ class PageCache:
         self.nr_writeback += len(pages)
 
     def end_writeback(self, pages: list[Page], *, failed: bool) -> None:
-        """Writeback of the pages (of one mapping) is over; a failed one leaves them dirty."""
+        """Writeback of the pages (of one mapping, consecutive) is over; a
+        failed one leaves them dirty."""
         m = pages[0].mapping
         m.nr_writeback -= len(pages)
         self.nr_writeback -= len(pages)
         lru = self.lru
-        for page in pages:
-            page.writeback = False
-            if failed:
+        if failed:
+            for page in pages:
+                page.writeback = False
                 self.mark_dirty(page)
-            elif not page.dirty and m.pages.get(page.index) is page:
-                lru[page] = None
+        else:
+            # Still cached (not dropped or replaced meanwhile) and clean: to the LRU.
+            resident = m.pages.get_run(pages[0].index, len(pages))
+            for page, now in zip(pages, resident, strict=True):
+                page.writeback = False
+                if now is page and not page.dirty:
+                    lru[page] = None
         # Dirty pages may have pushed the cache over its limit (one write can
         # dirty more than the limit); clean, they are evictable again.
         if self.nr_pages > self.max_pages:

@@ -131,6 +131,27 @@ class PageIndex(Generic[V]):
             index += n
             pos += n
 
+    def clear_run(self, first: int, count: int) -> None:
+        """Remove the keys [first, first + count), every one of which is present."""
+        index = first
+        end = first + count
+        while index < end:
+            cno = index >> CHUNK_SHIFT
+            slot = index & _MASK
+            n = min(CHUNK - slot, end - index)
+            chunk = self._chunks[cno]
+            if chunk[slot : slot + n].count(None):
+                raise KeyError(index)
+            left = self._counts[cno] - n
+            if left:
+                chunk[slot : slot + n] = [None] * n
+                self._counts[cno] = left
+            else:
+                del self._chunks[cno], self._counts[cno]
+                self._order.remove(cno)
+            self._len -= n
+            index += n
+
     def first_present(self, first: int, stop: int) -> int:
         """The smallest key in [first, stop), or ``stop`` if there is none."""
         for start, slots in self._slices(first, stop - 1):

@@ -240,6 +240,20 @@ def _write_whole_pages(
     # Whether each block is mapped: the extents once, not a lookup per page.
     mapped = list(emap.extents(first, first + count))
     whole = sum(e.length for e in mapped)
+    if (not whole or whole == count) and resident.first_present(first, first + count) == (
+        first + count
+    ):
+        # Nothing cached and all mapped or all holes (appending, rewriting a
+        # file laid out before): new pages straight from the data.
+        new = cache.new_pages(mapping, first, count, ALLOCATED if whole else UNALLOCATED, src)
+        try:
+            if not whole:
+                cache.reserve_pages(mapping, new)
+        except NoSpace:
+            pass  # page by page below, for the short write
+        else:
+            cache.insert_dirty(mapping, new)
+            return count * bs
     for index in range(first, first + count):
         page = resident.get(index)
         if page is None:

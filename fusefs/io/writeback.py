@@ -68,16 +68,17 @@ _END = 1 << 62  # past any page index
 def _next_dirty_run(mapping: Mapping, first: int, end: int) -> list[Page]:
     """The first run of contiguous dirty pages not under writeback in [first, end),
     at most MAX_RUN_PAGES long (no await: the run is written straight away)."""
-    run: list[Page] = []
-    for page in mapping.pages.values_in(first, end - 1):
+    pages = mapping.pages
+    for page in pages.values_in(first, end - 1):
         if page.dirty and not page.writeback:
-            if run and run[-1].index + 1 != page.index:
-                break
-            run.append(page)
-            if len(run) == MAX_RUN_PAGES:
-                break
-        elif run:
             break
+    else:
+        return []
+    run: list[Page] = []
+    for p in pages.get_run(page.index, min(MAX_RUN_PAGES, end - page.index)):
+        if p is None or not p.dirty or p.writeback:
+            break
+        run.append(p)
     return run
 
 

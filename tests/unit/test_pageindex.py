@@ -35,6 +35,27 @@ class PageIndexMachine(RuleBasedStateMachine):
         for i, value in enumerate(values):
             self.model[first + i] = value
 
+    @rule(first=keys, count=st.integers(1, 3 * CHUNK))
+    def clear_run(self, first: int, count: int) -> None:
+        keys = range(first, first + count)
+        if all(k in self.model for k in keys):
+            self.index.clear_run(first, count)
+            for k in keys:
+                del self.model[k]
+        else:  # a key missing: KeyError there (the chunks before it are cleared)
+            with pytest.raises(KeyError):
+                self.index.clear_run(first, count)
+            self.model = {k: v for k, v in self.model.items() if k in self.index}
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), count=st.integers(1, 3 * CHUNK))
+    def clear_present_run(self, data: st.DataObject, count: int) -> None:
+        first = data.draw(st.sampled_from(sorted(self.model)))
+        n = 0
+        while n < count and first + n in self.model:
+            n += 1
+        self.clear_run(first, n)
+
     @rule(first=keys, count=st.integers(0, 3 * CHUNK))
     def get_run(self, first: int, count: int) -> None:
         want = [self.model.get(k) for k in range(first, first + count)]
