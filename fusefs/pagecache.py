@@ -131,8 +131,10 @@ class Mapping:
         # Signalled whenever a page of this mapping finishes writeback.
         self.writeback_done = trio.Event()
         self.fills: list[Fill] = []  # fills in flight (see Fill)
-        # The first writeback error not yet reported by fsync (errseq-like).
+        # The first writeback error not yet reported by fsync (errseq-like),
+        # and how many runs have failed.
         self.error: Exception | None = None
+        self.wb_failures = 0
 
     def __repr__(self) -> str:
         return (

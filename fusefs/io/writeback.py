@@ -97,9 +97,18 @@ async def writeback_range(
     ``max_pages``, stop after about that many pages (throttled writers)."""
     stop = end if end is not None else _END
     budget = max_pages if max_pages is not None else _END
+    failures = mapping.wb_failures
     await _write_runs(fs, mapping, first, stop, budget)
     if wait:
         await wait_writeback(mapping, first, stop)
+        if mapping.nr_dirty and mapping.wb_failures == failures:
+            # A page dirtied again while under writeback was passed over above
+            # (its old contents were on their way); now it can go -- else an
+            # fsync would return with data written before it still dirty (the
+            # kernel's WB_SYNC_ALL waits and writes such pages the same way).
+            # Not after a failure here: its pages stay dirty for the caller to see.
+            await _write_runs(fs, mapping, first, stop, budget)
+            await wait_writeback(mapping, first, stop)
 
 
 async def _write_runs(
@@ -282,6 +291,7 @@ def _fail(fs: Filesystem, mapping: Mapping, io: _RunIO, error: FsError | None) -
     if error is None:
         return
     cache.counters["writeback_errors"] += 1
+    mapping.wb_failures += 1
     if mapping.error is None:
         mapping.error = error
     ino, first, count = mapping.inode.ino, run[0].index, len(run)

@@ -544,6 +544,31 @@ async def test_failed_writeback_fails_the_operation_and_loses_nothing(fs: Filesy
     await settle_and_compare(fs, fh, model)
 
 
+async def test_collapse_keeps_a_page_dirtied_again_during_writeback(fs: Filesystem) -> None:
+    """Background writeback of page 3 holds its window open after the device
+    write; a write dirties page 3 again.  The collapse's write-back-and-drop
+    must write the page again before dropping it, not drop the newer data."""
+    ino, fh = await make_file(fs)
+    model = bytearray(pattern(6 * BS))
+    await fs.write(fh, 0, bytes(model))
+    await fs.fsync(fh, False)
+    mapping = fs.cache.mappings[ino]
+    await fs.write(fh, 3 * BS, b"A" * BS)
+    REGISTRY.control("name writeback_before_map oneshot delay 100")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.sync_data)
+        await trio.testing.wait_all_tasks_blocked()
+        assert mapping.nr_writeback == 1
+        await fs.write(fh, 3 * BS, b"B" * BS)  # dirty again, still under writeback
+        model[3 * BS : 4 * BS] = b"B" * BS
+        await fs.fallocate(ino, COLLAPSE, BS, BS)
+        del model[BS : 2 * BS]
+    assert REGISTRY.site("writeback_before_map").fired == 1
+    assert await contents(fs, fh) == model
+    check(fs)
+    await settle_and_compare(fs, fh, model)
+
+
 async def test_device_and_memory_faults_leave_a_consistent_file(fs: Filesystem) -> None:
     ino, fh = await make_file(fs)
     model = bytearray(pattern(6 * BS))

@@ -12,6 +12,7 @@ and cache counters can be compared exactly.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import random
@@ -28,7 +29,7 @@ from fusefs.faults import REGISTRY
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.format import mkfs
 from fusefs.io.readahead import MAX_WINDOW
-from fusefs.io.writeback import MAX_RUN_PAGES
+from fusefs.io.writeback import MAX_RUN_PAGES, writeback_range
 from fusefs.namespace import ROOT_INO
 from fusefs.pagecache import ALLOCATED, RESERVED, Mapping, PageCache
 
@@ -855,6 +856,37 @@ async def test_writeback_error_keeps_pages_dirty_and_fsync_reports_it_once(
     assert await fs.read(fh, 0, 4 * BS) == new
     check(fs)
     await fs.release(fh)
+
+
+async def test_fsync_writes_a_page_dirtied_again_during_writeback(
+    fs: Filesystem, image: Path
+) -> None:
+    """Background writeback of page 0 holds its window open after the device
+    write; a write dirties the page again meanwhile; an fsync must not take the
+    page for written because it is under writeback: it waits for that
+    writeback and writes the page again, so the second write is durable."""
+    fh, ino = await create(fs, b"f")
+    first, second = pattern(BS, 40), pattern(BS, 41)
+    assert await fs.write(fh, 0, first) == BS
+    m = mapping_of(fs, ino)
+    REGISTRY.control("name writeback_before_map oneshot delay 100")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(writeback_range, fs, m, wait=False))
+        await wait_all_tasks_blocked()
+        assert m.pages[0].writeback
+        assert await fs.write(fh, 0, second) == BS  # dirty again, still under writeback
+        assert m.nr_dirty == 1
+        await fs.fsync(fh, False)
+        assert m.nr_dirty == 0
+    assert REGISTRY.site("writeback_before_map").fired == 1
+    check(fs)
+    await fs.release(fh)
+    await fs.unmount()
+    fs2 = await Filesystem.mount(image, MountOptions(commit_interval=3600))
+    fh2 = await fs2.open(ino, os.O_RDONLY)
+    assert await fs2.read(fh2, 0, BS) == second
+    await fs2.release(fh2)
+    await fs2.unmount()
 
 
 async def test_unlink_while_pages_are_under_writeback(fs: Filesystem) -> None:
