@@ -127,6 +127,7 @@ __all__ = [
     "FaultStatistics",
     "alloc_buffer",
     "alloc_page",
+    "alloc_pages",
     "dynamic_fault",
     "memory_fault",
     "race_fault",
@@ -595,6 +596,23 @@ class FaultRegistry:
                 raise _injected_oom(self._by_name[name]) from None
         return _allocate(name, size)
 
+    def alloc_pages(
+        self,
+        name: str,
+        size: int,
+        count: int,
+        *,
+        cls: str = "memory:page",
+        init: bytes | bytearray | memoryview | None = None,
+    ) -> list[bytearray]:
+        if count <= 0:
+            return []
+        try:
+            fired = next(self._ticks[name], True) and self._hit(name)
+        except KeyError:
+            fired = self._first_hit(name, cls, "alloc_pages", sys._getframe(1))
+        return _allocate_pages(self, name, size, count, fired, init)
+
     # inspection:
 
     def sites(self) -> list[FaultSite]:
@@ -742,6 +760,31 @@ def _allocate(
         raise OutOfMemory(f"{name}: cannot allocate {size} bytes") from None
 
 
+def _allocate_pages(
+    registry: FaultRegistry,
+    name: str,
+    size: int,
+    count: int,
+    fired: bool,
+    init: bytes | bytearray | memoryview | None,
+) -> list[bytearray]:
+    """`alloc_pages` after its first hit (``fired``): the other ``count - 1``
+    hits, one per page, then the pages (zeroed, or ``init`` cut in ``size``)."""
+    ticks = registry._ticks
+    for _ in range(count - 1):
+        if fired:
+            break
+        fired = next(ticks[name], True) and registry._hit(name)
+    if fired:
+        raise _injected_oom(registry._by_name[name])
+    try:
+        if init is None:
+            return [bytearray(size) for _ in range(count)]
+        return [bytearray(init[i * size : (i + 1) * size]) for i in range(count)]
+    except MemoryError:
+        raise OutOfMemory(f"{name}: cannot allocate {count} x {size} bytes") from None
+
+
 # the module functions, on the default registry:
 
 REGISTRY: Final = FaultRegistry()
@@ -780,22 +823,36 @@ def memory_fault(name: str, cls: str = "memory") -> None:
             raise _injected_oom(REGISTRY._by_name[name]) from None
 
 
-def alloc_page(
-    name: str,
-    size: int,
-    *,
-    cls: str = "memory:page",
-    init: bytes | bytearray | memoryview | None = None,
-) -> bytearray:
-    """A zeroed page of ``size`` bytes (a copy of ``init``, of that size, when
-    given), or `OutOfMemory` if the site fires."""
+def alloc_page(name: str, size: int, *, cls: str = "memory:page") -> bytearray:
+    """A zeroed page of ``size`` bytes, or `OutOfMemory` if the site fires."""
     try:
         if next(_TICKS[name], True) and REGISTRY._hit(name):
             raise _injected_oom(REGISTRY._by_name[name])
     except KeyError:
         if REGISTRY._first_hit(name, cls, "alloc_page", sys._getframe(1)):
             raise _injected_oom(REGISTRY._by_name[name]) from None
-    return _allocate(name, size, init)
+    return _allocate(name, size)
+
+
+def alloc_pages(
+    name: str,
+    size: int,
+    count: int,
+    *,
+    cls: str = "memory:page",
+    init: bytes | bytearray | memoryview | None = None,
+) -> list[bytearray]:
+    """``count`` pages of ``size`` bytes, zeroed or copied from consecutive
+    pieces of ``init``: one hit of the site per page, so the site fires on the
+    same page it would if each were an `alloc_page`; `OutOfMemory` then, and
+    no page is returned."""
+    if count <= 0:
+        return []
+    try:
+        fired = next(_TICKS[name], True) and REGISTRY._hit(name)
+    except KeyError:
+        fired = REGISTRY._first_hit(name, cls, "alloc_pages", sys._getframe(1))
+    return _allocate_pages(REGISTRY, name, size, count, fired, init)
 
 
 def alloc_buffer(name: str, size: int, *, cls: str = "memory:buffer") -> bytearray:

@@ -5,7 +5,7 @@ compiler drops a descriptor per call into an ELF section.  Python has no link
 step, so the registry (`fusefs.faults`) reads the source instead: on first use
 it calls `scan`, which parses every ``.py`` file of the package (and of
 ``tools/`` next to it) with `ast` and records each call to `dynamic_fault`,
-`race_fault`, `memory_fault`, `alloc_page` or `alloc_buffer` of `fusefs.faults`
+`race_fault`, `memory_fault`, `alloc_page`, `alloc_pages` or `alloc_buffer` of `fusefs.faults`
 with its file, line, module, enclosing function, name and class.  So the listing
 of a freshly started filesystem shows every site, hit count 0, including those
 in modules that were never imported.  The scan costs tens of milliseconds once
@@ -31,7 +31,7 @@ raising `OutOfMemory`), ``race`` (`race_fault`: yield or sleep in a race window)
 and ``error`` (rare error paths), each with optional sub-classes after a colon
 (``io:write``).  `dynamic_fault` takes its class from ``cls=`` (default
 ``error``) and may be ``io``, ``memory`` or ``error``; `race_fault` is
-``race``; `memory_fault` is ``memory``, `alloc_page` ``memory:page`` and
+``race``; `memory_fault` is ``memory``, `alloc_page` and `alloc_pages` ``memory:page`` and
 `alloc_buffer` ``memory:buffer``.
 """
 
@@ -70,6 +70,7 @@ _DEFAULT_CLASS: Final[Mapping[str, str]] = {
     "race_fault": "race",
     "memory_fault": "memory",
     "alloc_page": "memory:page",
+    "alloc_pages": "memory:page",
     "alloc_buffer": "memory:buffer",
 }
 _ALLOWED_ROOTS: Final[Mapping[str, frozenset[str]]] = {
@@ -77,6 +78,7 @@ _ALLOWED_ROOTS: Final[Mapping[str, frozenset[str]]] = {
     "race_fault": frozenset({"race"}),
     "memory_fault": frozenset({"memory"}),
     "alloc_page": frozenset({"memory"}),
+    "alloc_pages": frozenset({"memory"}),
     "alloc_buffer": frozenset({"memory"}),
     "register_site": frozenset(CLASSES),
 }

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from fusefs.alloc import Allocator, Reservation
-from fusefs.faults import alloc_page
+from fusefs.faults import alloc_pages
 from fusefs.locking import PagecacheLock
 from fusefs.pageindex import PageIndex
 
@@ -308,18 +308,8 @@ class PageCache:
         """Pages for [first, first + count), not yet inserted: zeroed, or
         holding ``data`` (``count`` blocks of it).  Each page's allocation is a
         hit of the memory fault site ``pagecache_page``."""
-        bs = self.block_size
-        return [
-            Page(
-                mapping,
-                first + i,
-                alloc_page(
-                    "pagecache_page", bs, init=None if data is None else data[i * bs : (i + 1) * bs]
-                ),
-                space,
-            )
-            for i in range(count)
-        ]
+        buffers = alloc_pages("pagecache_page", self.block_size, count, init=data)
+        return [Page(mapping, first + i, buf, space) for i, buf in enumerate(buffers)]
 
     def insert(self, page: Page) -> Page:
         """Insert a filled page unless one is there already; return the resident one.
@@ -418,6 +408,20 @@ class PageCache:
             self.evict(self.nr_pages - self.max_pages)
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
+
+    def touch_pages(self, pages: list[Page]) -> None:
+        """`touch` for several pages."""
+        self.counters["hits"] += len(pages)
+        lru = self.lru
+        used = 0
+        for page in pages:
+            if page.readahead:
+                page.readahead = False
+                used += 1
+            if page in lru:
+                lru.move_to_end(page)
+        if used:
+            self.counters["readahead_used"] += used
 
     def touch(self, page: Page) -> None:
         """A hit: count it and move the page to the young end of the LRU."""

@@ -128,8 +128,7 @@ def _cached(fs: Filesystem, mapping: Mapping, offset: int, end: int) -> bytes | 
     if None in found:
         return None
     resident: list[Page] = found  # type: ignore[assignment]  # no None left
-    for page in resident:
-        fs.cache.touch(page)
+    fs.cache.touch_pages(resident)
     return _gather(resident, head, end - offset)
 
 

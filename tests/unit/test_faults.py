@@ -30,6 +30,7 @@ from fusefs.faults import (
     FaultSiteError,
     alloc_buffer,
     alloc_page,
+    alloc_pages,
     dynamic_fault,
     memory_fault,
     race_fault,
@@ -911,6 +912,35 @@ def test_runtime_memory_sites_get_their_function_class() -> None:
     }
 
 
+def test_alloc_pages_counts_one_hit_per_page() -> None:
+    registry = FaultRegistry(roots=[])
+    assert registry.alloc_pages("rt_pages", 8, 0) == []
+    pages = registry.alloc_pages("rt_pages", 8, 3)
+    assert pages == [bytearray(8)] * 3
+    assert len({id(p) for p in pages}) == 3  # three buffers, not one shared
+    assert registry.site("rt_pages").cls == "memory:page"
+    assert registry.site("rt_pages").hits == 3
+    data = memoryview(bytes(range(24)))
+    assert registry.alloc_pages("rt_pages", 8, 3, init=data) == [
+        bytearray(data[0:8]),
+        bytearray(data[8:16]),
+        bytearray(data[16:24]),
+    ]
+    # Fires on the same page a loop of alloc_page would (the third after
+    # arming); nothing is returned and the hits stop there: 6 + 3.
+    registry.control("name rt_pages frequency 3 times 1")
+    with pytest.raises(OutOfMemory, match="rt_pages: injected"):
+        registry.alloc_pages("rt_pages", 8, 10)
+    site = registry.site("rt_pages")
+    assert (site.hits, site.fired) == (9, 1)
+    assert len(registry.alloc_pages("rt_pages", 8, 4)) == 4  # times 1: spent
+    registry.control("name rt_pages oneshot")
+    with pytest.raises(OutOfMemory):
+        registry.alloc_pages("rt_pages", 8, 1)
+    with pytest.raises(OutOfMemory, match="huge: cannot allocate"):
+        registry.alloc_pages("huge", sys.maxsize, 1)
+
+
 # ---------------------------------------------------------------------------
 # start-up specs:
 
@@ -961,6 +991,7 @@ async def test_module_functions_use_the_default_registry(
     await race_fault("test_faults_window")
     memory_fault("test_faults_memory")
     assert alloc_page("test_faults_page", 8) == bytearray(8)
+    assert alloc_pages("test_faults_pages", 8, 2) == [bytearray(8)] * 2
     assert alloc_buffer("test_faults_buffer", 8) == bytearray(8)
     default_registry.control("name test_faults_* oneshot")
     assert dynamic_fault("test_faults_io", cls="io:test")
@@ -973,6 +1004,8 @@ async def test_module_functions_use_the_default_registry(
         memory_fault("test_faults_memory")
     with pytest.raises(OutOfMemory):
         alloc_page("test_faults_page", 8)
+    with pytest.raises(OutOfMemory):
+        alloc_pages("test_faults_pages", 8, 2)
     with pytest.raises(OutOfMemory):
         alloc_buffer("test_faults_buffer", 8)
     sites = {site.name: site for site in default_registry.sites()}
