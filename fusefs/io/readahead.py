@@ -6,9 +6,11 @@ waits for the lock (truncate, fallocate, direct write are never delayed by it).
 No inode lock.
 
 State per open file (`ReadaheadState`): where the last read ended, the current
-window and how far prefetching has been started.  A read that starts where the
-previous one ended is sequential: the window doubles (from 4 pages up to 512 =
-2 MiB at 4 KiB).  Prefetching runs ahead of the reader asynchronously, as the
+window and how far prefetching has been started.  A read that starts in the page
+where the previous one ended, or in the next, is sequential (FUSE hands a 1 MiB
+``read()`` over as 1 MiB - 16 bytes and then 16 bytes, so byte-contiguous reads
+share a page): the window doubles (from 4 pages, or twice the read, up to
+512 = 2 MiB at 4 KiB).  Prefetching runs ahead of the reader asynchronously, as the
 kernel's async readahead does: once what is prefetched ahead of the read is
 less than half the window, the next stretch up to a full window ahead is
 started by a background task, so the device sees few, large reads and the
@@ -56,14 +58,18 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
     ra = handle.readahead
     if not fs.readahead_enabled:
         return
-    if first != ra.next_index and not (first == 0 and ra.next_index == -1):
+    if ra.next_index - 1 == first == last:
+        return  # within the page the last read ended in: nothing new
+    if first not in (ra.next_index, ra.next_index - 1) and not (first == 0 and ra.next_index == -1):
         # A seek: start over (a prefetch still in flight finishes on its own).
         ra.next_index = last + 1
         ra.window = 0
         ra.inflight_end = 0
         return
     ra.next_index = last + 1
-    ra.window = min(MAX_WINDOW, max(MIN_WINDOW, ra.window * 2))
+    # Doubles each sequential read, starting from twice the read's own size
+    # (the kernel's initial window for a large read).
+    ra.window = min(MAX_WINDOW, max(MIN_WINDOW, ra.window * 2, 2 * (last + 1 - first)))
     ahead = ra.inflight_end - (last + 1)
     if ahead >= ra.window // 2:
         return  # enough in flight ahead of the reader

@@ -501,7 +501,7 @@ async def test_sequential_reads_grow_the_readahead_window(fs: Filesystem) -> Non
         assert issued > 0.9 * npages
         # The window doubles up to its maximum; from then on the next stretch
         # starts once less than half a window is left ahead of the reader.
-        assert ahead[0] == 4
+        assert ahead[0] == 2 * chunk  # the first window: twice the first read
         full = ahead.index(MAX_WINDOW)
         assert ahead[: full + 1] == sorted(ahead[: full + 1])
         assert all(MAX_WINDOW // 2 <= reach <= MAX_WINDOW for reach in ahead[full:])
@@ -590,10 +590,39 @@ async def test_prefetched_pages_dropped_unread_are_wasted(fs: Filesystem) -> Non
         await fs.release(fh)
 
 
+async def test_reads_split_inside_a_page_stay_sequential(fs: Filesystem) -> None:
+    """FUSE hands a 1 MiB read() over as 1 MiB - 16 bytes, then 16 bytes: the
+    second starts inside the page the first ended in.  That is still a
+    sequential stream: readahead keeps growing and brings in nearly every page."""
+    npages = 4 * MAX_WINDOW
+    data = pattern(npages * BS, 21)
+    async with running(fs):
+        fw, ino = await create(fs, b"f")
+        await write_synced(fs, fw, 0, data, MiB)
+        await fs.release(fw)
+        await fs.drop_caches()
+        fh = await fs.open(ino, os.O_RDONLY)
+        base = fs.cache.statistics()
+        for offset in range(0, npages * BS, MiB):
+            got = await fs.read(fh, offset, MiB - 16)
+            got += await fs.read(fh, offset + MiB - 16, 16)
+            assert got == data[offset : offset + MiB]
+            await readahead_settled(mapping_of(fs, ino))
+        st = fs.cache.statistics()
+        assert st.readahead_issued - base.readahead_issued > 0.7 * npages
+        assert (
+            st.readahead_used - base.readahead_used == st.readahead_issued - base.readahead_issued
+        )
+        assert st.misses - base.misses < 0.3 * npages
+        check(fs)
+        await fs.release(fh)
+
+
 async def test_a_read_waits_for_the_prefetch_in_flight(fs: Filesystem) -> None:
-    """The prefetch of pages 32-35 holds its window open before inserting; the
-    next read reaches those pages meanwhile and waits for the prefetch instead
-    of reading the blocks again: 60 misses, not 64, and nothing wasted."""
+    """The prefetch of pages 32-95 (twice the first read) holds its window open
+    before inserting; the next read, of 32-63, reaches those pages meanwhile and
+    waits for the prefetch instead of reading the blocks again: only the first
+    read's 32 misses, every block read from the device once, nothing wasted."""
     data = pattern(128 * BS, 17)
     async with running(fs):
         fw, ino = await create(fs, b"f")
@@ -604,19 +633,19 @@ async def test_a_read_waits_for_the_prefetch_in_flight(fs: Filesystem) -> None:
         base = fs.cache.statistics()
         reads = fs.dev.statistics().bytes_read
         REGISTRY.control("name readahead_before_insert oneshot delay 200")
-        assert await fs.read(fh, 0, 32 * BS) == data[: 32 * BS]  # prefetch 32-35 starts
+        assert await fs.read(fh, 0, 32 * BS) == data[: 32 * BS]  # prefetch 32-95 starts
         await wait_all_tasks_blocked()
         assert await fs.read(fh, 32 * BS, 32 * BS) == data[32 * BS : 64 * BS]
         assert REGISTRY.site("readahead_before_insert").fired == 1
         await readahead_settled(mapping_of(fs, ino))
         st = fs.cache.statistics()
-        assert st.misses - base.misses == 60
-        assert st.readahead_used - base.readahead_used >= 4
+        assert st.misses - base.misses == 32
+        assert st.readahead_used - base.readahead_used >= 32
         assert st.readahead_wasted == base.readahead_wasted
-        # Blocks 0-63 came from the device once each, plus what the second
-        # read's prefetch brought in after them.
+        # Each block came from the device once: the first read's, and what
+        # the two prefetches brought in.
         prefetched = st.readahead_issued - base.readahead_issued
-        assert fs.dev.statistics().bytes_read - reads == (60 + prefetched) * BS
+        assert fs.dev.statistics().bytes_read - reads == (32 + prefetched) * BS
         assert_readahead_accounted(fs.cache)
         check(fs)
         await fs.release(fh)
@@ -700,12 +729,13 @@ async def test_readahead_gives_up_while_block_is_held(fs: Filesystem) -> None:
         base = fs.cache.statistics()
         failures = m.lock.statistics().tryget_failures
         assert await fs.read(fh, 0, 32 * BS) == data[: 32 * BS]
-        # The read spawned a prefetch of 32-35 that has not run yet; nothing
-        # yields between the read's return and BLOCK being taken here.
+        # The read spawned a prefetch of 32-95 (twice the read) that has not
+        # run yet; nothing yields between the read's return and BLOCK being
+        # taken here.
         async with m.lock.block():
             await wait_all_tasks_blocked()
             st = fs.cache.statistics()
-            assert st.readahead_abandoned - base.readahead_abandoned == 4
+            assert st.readahead_abandoned - base.readahead_abandoned == 64
             assert st.readahead_issued == base.readahead_issued
             assert m.lock.statistics().tryget_failures == failures + 1
         assert resident(fs, ino) == set(range(32))
@@ -740,7 +770,7 @@ async def test_readahead_gives_way_to_a_block_waiter(fs: Filesystem) -> None:
             assert await fs.read(fh, 0, 32 * BS) == data[: 32 * BS]
             await wait_all_tasks_blocked()
             st = fs.cache.statistics()
-            assert st.readahead_abandoned - base.readahead_abandoned == 4
+            assert st.readahead_abandoned - base.readahead_abandoned == 64
             assert st.readahead_issued == base.readahead_issued
             m.lock.add_put()
             await wait_all_tasks_blocked()
