@@ -198,10 +198,10 @@ async def _read_fill(
 
 
 async def _page_for_write(
-    fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, size: int
+    fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, size: int, *, whole: bool
 ) -> Page:
-    """The cached page at ``index`` for a partial write, or a new one with its
-    old contents."""
+    """The cached page at ``index``, or a new one: with its old contents when
+    the write covers only part of it (read-modify-write)."""
     cache = fs.cache
     page = mapping.get(index)
     if page is not None:
@@ -209,7 +209,7 @@ async def _page_for_write(
         return page
     bs = fs.block_size
     mapped = emap.pblk_of(index) is not None
-    if mapped and index * bs < size:
+    if mapped and not whole and index * bs < size:
         # Read-modify-write: the bytes around the write come from the block.
         cache.counters["misses"] += 1
         (page,) = await fill_pages(fs, mapping, index, 1)
@@ -324,12 +324,15 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                 start = pos - index * bs
                 want = min(bs - start, end - pos)
                 try:
-                    if start == 0 and want == bs:
+                    if start == 0 and end - pos >= 2 * bs:
                         # A stretch of whole pages: no read, no await.
                         want = (end - pos) // bs * bs
                         n = _write_whole_pages(fs, mapping, emap, index, view[done : done + want])
                     else:
-                        page = await _page_for_write(fs, mapping, emap, index, inode.size)
+                        # One page, whole or part: the per-page path is cheaper.
+                        page = await _page_for_write(
+                            fs, mapping, emap, index, inode.size, whole=want == bs
+                        )
                         cache.reserve(page)
                         page.data[start : start + want] = view[done : done + want]
                         cache.mark_dirty(page)

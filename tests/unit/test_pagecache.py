@@ -437,6 +437,31 @@ async def test_a_whole_page_stretch_over_mixed_pages(fs: Filesystem) -> None:
     await fs.release(fh)
 
 
+async def test_whole_page_writes_read_nothing_partial_ones_read_their_block(
+    fs: Filesystem,
+) -> None:
+    """Over blocks on disk and not cached: a write of one whole page, or of a
+    stretch of them, reads nothing; a partial page reads its block first."""
+    fh, _ = await create(fs, b"f")
+    old = pattern(8 * BS, 32)
+    await fs.write(fh, 0, old)
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    reads = fs.dev.statistics().reads
+    assert await fs.write(fh, 2 * BS, b"w" * BS) == BS  # one whole page
+    assert await fs.write(fh, 4 * BS, b"s" * 3 * BS) == 3 * BS  # a stretch
+    assert fs.dev.statistics().reads == reads
+    assert await fs.write(fh, 7 * BS + 5, b"p") == 1  # part of a page: read-modify-write
+    assert fs.dev.statistics().reads == reads + 1
+    want = bytearray(old)
+    want[2 * BS : 3 * BS] = b"w" * BS
+    want[4 * BS : 7 * BS] = b"s" * 3 * BS
+    want[7 * BS + 5] = ord("p")
+    assert await fs.read(fh, 0, 8 * BS) == want
+    check(fs)
+    await fs.release(fh)
+
+
 async def test_enospc_comes_from_write_never_from_writeback(tiny_fs: Filesystem) -> None:
     fs = tiny_fs
     free = fs.alloc.statistics().free
