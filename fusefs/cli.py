@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from fusefs.errors import FsError
+from fusefs.process import wait_exit
 
 READY_TIMEOUT: Final = 120.0
 UMOUNT_TIMEOUT: Final = 60.0
@@ -280,15 +281,6 @@ def _last_log_line(path: str) -> str:
 # umount:
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # A zombie has exited; nobody may be reaping it (no init in a container).
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-
-
 def _read_status(image: str) -> tuple[str, int, str] | None:
     from fusefs.daemon import status_path
 
@@ -300,21 +292,6 @@ def _read_status(image: str) -> tuple[str, int, str] | None:
     head, _, message = line.partition(": ")
     state, _, pid = head.partition(" ")
     return (state, int(pid), message) if pid.isdigit() else None
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Wait for a process that is not our child to exit (a pidfd becomes
-    readable when it does); True if it exited within ``timeout``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        # A zombie counts as gone: the daemon's work is over.
-        return bool(ready) or not _pid_alive(pid)
-    finally:
-        os.close(fd)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -332,7 +309,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         _fail(reason[0].removeprefix("fusermount3: "))
-    if not _wait_exit(pid, UMOUNT_TIMEOUT):
+    if not wait_exit(pid, UMOUNT_TIMEOUT):
         _fail(f"daemon (pid {pid}) still running {UMOUNT_TIMEOUT:.0f} s after the unmount")
     status = _read_status(image)
     if status is None or status[1] != pid:

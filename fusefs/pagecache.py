@@ -409,8 +409,13 @@ class PageCache:
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
 
+    def touch(self, page: Page) -> None:
+        """A hit: count it and move the page to the young end of the LRU."""
+        self.touch_pages([page])
+
     def touch_pages(self, pages: list[Page]) -> None:
-        """`touch` for several pages."""
+        """Hits on several pages: count them, count the first use of prefetched
+        ones, and move them to the young end of the LRU."""
         self.counters["hits"] += len(pages)
         lru = self.lru
         used = 0
@@ -422,15 +427,6 @@ class PageCache:
                 lru.move_to_end(page)
         if used:
             self.counters["readahead_used"] += used
-
-    def touch(self, page: Page) -> None:
-        """A hit: count it and move the page to the young end of the LRU."""
-        self.counters["hits"] += 1
-        if page.readahead:
-            page.readahead = False
-            self.counters["readahead_used"] += 1
-        if page in self.lru:
-            self.lru.move_to_end(page)
 
     def _remove(self, page: Page) -> None:
         m = page.mapping

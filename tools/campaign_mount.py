@@ -27,6 +27,7 @@ from typing import Final
 
 from fusefs.format import mkfs
 from fusefs.fsck import fsck
+from fusefs.process import pid_alive, wait_exit
 
 FUSEFS: Final = (sys.executable, "-m", "fusefs.cli")
 GONE_ERRNOS: Final = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
@@ -65,14 +66,6 @@ def fusefs(
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def daemon_pids(image: str) -> list[int]:
@@ -200,12 +193,11 @@ class Image:
         pids = {self.pid} if self.pid is not None else set()
         pids.update(daemon_pids(os.fspath(self.image)))
         for pid in pids:
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids if p is not None) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        for pid in pids:
+            wait_exit(pid, max(0.0, deadline - time.monotonic()))
         self.abort_connection()
         self.detach()
         self.pid = None
@@ -214,13 +206,10 @@ class Image:
         """Wait until no daemon serves the image any more (one that died may
         still be closing its files, the image's lock among them); kill stragglers."""
         deadline = time.monotonic() + timeout
-        while pids := daemon_pids(os.fspath(self.image)):
-            if time.monotonic() > deadline:
+        for pid in daemon_pids(os.fspath(self.image)):
+            if not wait_exit(pid, max(0.0, deadline - time.monotonic())):
                 self.kill()
                 return
-            if not any(pid_alive(p) for p in pids):
-                return
-            time.sleep(0.02)
 
     def abort_connection(self) -> None:
         """Fail every request still queued on the mount's FUSE connection."""
@@ -353,5 +342,4 @@ __all__ = [
     "daemon_pids",
     "listing_fired",
     "parse_listing",
-    "pid_alive",
 ]

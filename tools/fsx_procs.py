@@ -39,6 +39,7 @@ import bisect
 import contextlib
 import mmap
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import random
 import time
@@ -496,7 +497,8 @@ def run_procs(opts: Options, out: TextIO) -> int:
     try:
         while any(p.is_alive() for p in wprocs):
             display.update(counter.value, size.value)
-            time.sleep(0.05)
+            # Back as soon as a writer ends, else after one display refresh.
+            multiprocessing.connection.wait([p.sentinel for p in wprocs], timeout=0.05)
         display.update(counter.value, size.value, final=True)
     finally:
         seconds = time.monotonic() - start

@@ -263,11 +263,11 @@ def _write_whole_pages(
             page = cache.new_page(mapping, index, space)
             fresh.append(page)
         else:
-            cache.touch(page)
             cached.append(page)
         if page.space == UNALLOCATED:
             holes.append(page)
         pages.append(page)
+    cache.touch_pages(cached)
     try:
         cache.reserve_pages(mapping, holes)
     except NoSpace:

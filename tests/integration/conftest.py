@@ -16,11 +16,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fusefs.process import wait_exit
 
 FUSEFS = [sys.executable, "-m", "fusefs.cli"]
 MOUNT_DEADLINE = 30.0
@@ -84,10 +85,8 @@ class FuseMount:
     def mount(self, *extra: str) -> None:
         done = fusefs("mount", self.image, self.mountpoint, *extra)
         assert done.returncode == 0, f"mount failed: {done.stderr}\nlog:\n{tail(self.log)}"
-        deadline = time.monotonic() + MOUNT_DEADLINE
-        while not os.path.ismount(self.mountpoint):
-            assert time.monotonic() < deadline, f"not mounted in time; log:\n{tail(self.log)}"
-            time.sleep(0.02)
+        # fusefs mount returns once the daemon reports the mount ready.
+        assert os.path.ismount(self.mountpoint), f"not mounted; log:\n{tail(self.log)}"
         self.mounted = True
 
     def daemon_pid(self) -> int:
@@ -115,10 +114,7 @@ class FuseMount:
         """SIGKILL the daemon (a crash), then detach the dead mount."""
         pid = self.daemon_pid()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + MOUNT_DEADLINE
-        while alive(pid):
-            assert time.monotonic() < deadline, f"daemon {pid} survived SIGKILL"
-            time.sleep(0.01)
+        assert wait_exit(pid, MOUNT_DEADLINE), f"daemon {pid} survived SIGKILL"
         detach(self.mountpoint)
         self.mounted = False
 
@@ -175,14 +171,6 @@ def benign(line: str) -> bool:
     """libfuse's complaint when the kernel dropped a request before its reply
     (a release racing the unmount): nothing the filesystem did wrong."""
     return "fuse_reply_* failed with No such file or directory" in line
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
 
 
 def detach(mountpoint: Path) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import FuseMount, alive, fusefs, mkfs, tail
+from fusefs.process import wait_exit
+
+from .conftest import FuseMount, fusefs, mkfs, tail
 
 pytestmark = pytest.mark.mount
 
@@ -437,10 +439,8 @@ def test_sigterm_unmounts_cleanly(mnt: FuseMount) -> None:
     write_file(mnt.path("f"), b"kept")
     pid = mnt.daemon_pid()
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while os.path.ismount(mnt.mountpoint) or alive(pid):
-        assert time.monotonic() < deadline, f"daemon did not stop; log:\n{tail(mnt.log)}"
-        time.sleep(0.02)
+    assert wait_exit(pid, 30), f"daemon did not stop; log:\n{tail(mnt.log)}"
+    assert not os.path.ismount(mnt.mountpoint)  # it unmounts before it exits
     mnt.mounted = False
     assert mnt.log.read_text().rstrip().endswith("fusefs: clean shutdown")
     assert Path(f"{mnt.image}.status").read_text() == f"clean {pid}\n"
