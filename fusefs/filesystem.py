@@ -472,15 +472,20 @@ class Filesystem:
     async def _free_blocks(self, inode: Inode) -> None:
         """The inode is gone from the table: drop its pages, free its blocks.
 
-        Writeback in flight on it finishes first (it maps blocks into the
+        BLOCK waits out a prefetch still filling pages of the file (it would
+        insert them into a mapping no longer in the cache, and keep them
+        counted); writeback in flight finishes first (it maps blocks into the
         extent map); no await between that and the drop, so none can start.
         """
         if inode.extents is None:
             return
         mapping = self.cache.mappings.get(inode.ino)
         if mapping is not None:
-            await wait_writeback(mapping, 0, None)
-        self.cache.forget_mapping(inode)
+            async with mapping.lock.block():
+                await wait_writeback(mapping, 0, None)
+                self.cache.forget_mapping(inode)
+        else:
+            self.cache.forget_mapping(inode)
         for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
             self.alloc.free(pblk, n)
 

@@ -340,9 +340,17 @@ class PageCache:
         self.lru[page] = None
         return page
 
-    def insert_filled(self, mapping: Mapping, pages: list[Page]) -> list[Page]:
+    def insert_filled(
+        self, mapping: Mapping, pages: list[Page], *, keep: bool = False
+    ) -> list[Page]:
         """`insert` for a fill's pages (clean, ascending indices): returns the
-        resident page at each index, the new one or one that got there first."""
+        resident page at each index, the new one or one that got there first.
+
+        With ``keep`` the new pages stay resident even when the cache is over
+        its limit and only they are evictable (as `insert` does): a writer's
+        read-modify-write fill is about to dirty its page, and a page evicted
+        before that would take the write with it.
+        """
         index = mapping.pages
         if not pages:
             return []
@@ -373,11 +381,13 @@ class PageCache:
                 resident.append(existing)
         self.nr_pages += len(added)
         lru = self.lru
+        if keep and self.nr_pages > self.max_pages:
+            self.evict(self.nr_pages - self.max_pages)  # before the new pages join the LRU
         for page in added:
             lru[page] = None
         # Older pages go first; a fill bigger than the room left evicts its own
         # first pages too (clean: the caller still has them for its read).
-        if self.nr_pages > self.max_pages:
+        if not keep and self.nr_pages > self.max_pages:
             self.evict(self.nr_pages - self.max_pages)
         return resident
 

@@ -50,13 +50,15 @@ async def fill_pages(
     *,
     readahead_pages: bool = False,
     fill: Fill | None = None,
+    for_write: bool = False,
 ) -> list[Page]:
     """Read blocks [first, first + count) from the device and insert them as pages.
 
     Caller must hold the mapping's ADD side (or BLOCK).  Returns the resident
     pages (the ones inserted, or ones that got there first).  ``fill`` is the
     caller's registration of this range (`Mapping.start_fill`), if it made one
-    ahead of time; it ends here either way.
+    ahead of time; it ends here either way.  ``for_write``: a writer's
+    read-modify-write, whose page must stay resident (`PageCache.insert_filled`).
     """
     cache = fs.cache
     emap = mapping.inode.extents
@@ -86,9 +88,10 @@ async def fill_pages(
             page.readahead = True
     stale = fill.stale
     if not stale:
-        resident = cache.insert_filled(mapping, pages)
+        resident = cache.insert_filled(mapping, pages, keep=for_write)
     else:
-        inserted = iter(cache.insert_filled(mapping, [p for p in pages if p.index not in stale]))
+        kept = [p for p in pages if p.index not in stale]
+        inserted = iter(cache.insert_filled(mapping, kept, keep=for_write))
         resident = []
         for page in pages:
             if page.index not in stale:
@@ -200,21 +203,39 @@ async def _read_fill(
 async def _page_for_write(
     fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, size: int, *, whole: bool
 ) -> Page:
-    """The cached page at ``index``, or a new one: with its old contents when
-    the write covers only part of it (read-modify-write)."""
+    """The resident page at ``index``, or a new one: with its old contents when
+    the write covers only part of it (read-modify-write).
+
+    The page returned is in the mapping, and the caller dirties it before its
+    next await: a page a writer modifies is never one that eviction already
+    took out of the cache (its data would go with it), nor one a fill in
+    flight is about to replace.
+    """
     cache = fs.cache
-    page = mapping.get(index)
-    if page is not None:
-        cache.touch(page)
-        return page
     bs = fs.block_size
-    mapped = emap.pblk_of(index) is not None
-    if mapped and not whole and index * bs < size:
+    while True:
+        page = mapping.get(index)
+        if page is not None:
+            cache.touch(page)
+            return page
+        mapped = emap.pblk_of(index) is not None
+        if not (mapped and not whole and index * bs < size):
+            # Nothing to read: a fill in flight here inserts nothing over this page.
+            space = ALLOCATED if mapped else UNALLOCATED
+            return cache.insert(cache.new_page(mapping, index, space))
+        fill = mapping.fill_at(index)
+        if fill is not None:
+            # A reader or readahead is reading this block: use its page.
+            await fill.done.wait()
+            continue
         # Read-modify-write: the bytes around the write come from the block.
         cache.counters["misses"] += 1
-        (page,) = await fill_pages(fs, mapping, index, 1)
-        return page
-    return cache.insert(cache.new_page(mapping, index, ALLOCATED if mapped else UNALLOCATED))
+        (page,) = await fill_pages(fs, mapping, index, 1, for_write=True)
+        await race_fault("buffered_write_after_fill")
+        if mapping.get(index) is page:
+            return page
+        # Not resident: newer data got cached here and evicted meanwhile, or a
+        # BLOCK holder dropped it (lock off).  Look again.
 
 
 def _write_whole_pages(

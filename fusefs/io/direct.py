@@ -27,7 +27,7 @@ from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.errors import FileTooBig, InvalidArgument
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
-from fusefs.faults import alloc_buffer
+from fusefs.faults import alloc_buffer, race_fault
 
 MAX_FILE_SIZE_BLOCKS = MAX_FILE_BLOCKS
 
@@ -168,6 +168,9 @@ async def zero_tail(dev: BlockDevice, emap: ExtentMap, size: int) -> None:
         return
     pblk = ext.pblk + (lblk - ext.start)
     block = bytearray(await dev.read(pblk, 1))
+    # Between the read and the write: nothing may write this block (the
+    # caller made sure no dirty page of it exists, see truncate).
+    await race_fault("truncate_zero_tail")
     block[size % bs :] = bytes(bs - size % bs)
     await dev.write(pblk, block)
 

@@ -4,7 +4,8 @@ Locks: the inode lock, exclusive, and the mapping's pagecache lock, BLOCK side.
 
 Down: wait for writeback past the new EOF, drop those pages (dirty ones are
 discarded: the data is being cut off), zero the tail of the page and of the
-block holding the new EOF, unmap and free the blocks past it (the frees are
+block holding the new EOF (through the page's writeback when it is dirty, see
+`_zero_eof_block`), unmap and free the blocks past it (the frees are
 deferred until the next commit is durable).  Up: drop any page past the old EOF
 (none can exist with the lock on; with it off, readahead may have put stale
 pages there — race 4 of DESIGN §3), and the new range reads as zeros.
@@ -20,11 +21,12 @@ from fusefs.errors import InvalidArgument, IsADirectory
 from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.faults import race_fault
 from fusefs.io import direct
-from fusefs.io.writeback import discard, wait_writeback
+from fusefs.io.writeback import discard, wait_writeback, writeback_range
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem
     from fusefs.inode import Inode
+    from fusefs.pagecache import Mapping
 
 
 async def truncate(fs: Filesystem, inode: Inode, size: int) -> None:
@@ -43,12 +45,7 @@ async def truncate(fs: Filesystem, inode: Inode, size: int) -> None:
             await discard(fs, mapping, keep, None)
             await race_fault("truncate_before_unmap")
             if size % bs:
-                # The block holding EOF keeps its head; its tail must read as zeros.
-                await wait_writeback(mapping, size // bs, keep)
-                page = mapping.get(size // bs)
-                if page is not None:
-                    page.data[size % bs :] = bytes(bs - size % bs)
-                await direct.zero_tail(fs.dev, emap, size)
+                await _zero_eof_block(fs, mapping, size)
             if keep < MAX_FILE_BLOCKS:
                 for pblk, n in emap.unmap(keep, MAX_FILE_BLOCKS - keep):
                     fs.alloc.free(pblk, n)
@@ -61,3 +58,31 @@ async def truncate(fs: Filesystem, inode: Inode, size: int) -> None:
         inode.touch(m=True)
     fs.mark_changed()
     fs.invalidate_kernel(inode.ino)
+
+
+async def _zero_eof_block(fs: Filesystem, mapping: Mapping, size: int) -> None:
+    """Zero the tail of the block holding the new EOF, in the page and on the device.
+
+    Caller must hold the inode lock (no writer can dirty the page) and BLOCK
+    (no fill can bring the page in).  A dirty page is the newest copy of the
+    block: its tail is zeroed and it is written back, and the device block is
+    left to that writeback -- a read-modify-write of the device block would
+    race with it (writeback takes no lock: the flusher, ``drop_caches`` or a
+    throttled writer can write the page between the read and the write, and
+    the block would then get the old head back).  A clean or absent page can
+    not be written back, so the device block is zeroed in place.
+    """
+    bs = fs.block_size
+    index = size // bs
+    emap = mapping.inode.extents
+    assert emap is not None
+    await wait_writeback(mapping, index, index + 1)
+    page = mapping.get(index)
+    if page is not None:
+        page.data[size % bs :] = bytes(bs - size % bs)
+        if page.dirty:
+            # A failure leaves the page dirty (zeroed tail and all) and the
+            # error on the mapping for fsync, as any writeback.
+            await writeback_range(fs, mapping, index, index + 1, wait=True)
+            return
+    await direct.zero_tail(fs.dev, emap, size)
