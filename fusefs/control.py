@@ -46,6 +46,11 @@ Files for this issue:
     through `Filesystem.invalidate_kernel`.
 ``drop_caches`` (0200)
     write ``1``: write back every dirty page and drop every clean one.
+``cache_size`` (0600)
+    read: the page cache's limit in bytes; write a size (``1M``, ``65536``,
+    at least 1M, as the ``cache_size=`` mount option) to change it while
+    mounted: clean pages over the new limit are evicted at once, dirty ones
+    once written back.  Stress tools shrink the cache with it (``--pressure``).
 ``pagecache_lock`` (0600)
     read: ``on`` or ``off``; write ``on`` or ``off`` to switch the pagecache add
     lock of every inode (``off`` only to demonstrate the races, DESIGN §3).
@@ -75,6 +80,7 @@ from fusefs.io.fallocate import (
     FALLOC_FL_ZERO_RANGE,
 )
 from fusefs.namespace import ROOT_INO
+from fusefs.pagecache import MIN_CACHE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +148,12 @@ class ControlDir:
                 write=self._fallocate_command,
             ),
             ControlFile(b"drop_caches", 0o200, write=self._drop_caches_command),
+            ControlFile(
+                b"cache_size",
+                0o600,
+                read=lambda: f"{self._fs.cache.limit_bytes}\n",
+                write=self._cache_size_command,
+            ),
             ControlFile(
                 b"pagecache_lock",
                 0o600,
@@ -341,6 +353,19 @@ class ControlDir:
             raise InvalidArgument(f"drop_caches: write 1, not {text.strip()[:40]!r}")
         dropped = await self._fs.drop_caches()
         log.info("drop_caches: %d page(s) dropped", dropped)
+
+    async def _cache_size_command(self, text: str) -> None:
+        word = text.strip()
+        try:
+            size = parse_size(word)
+        except FsError as e:
+            log.warning("cache_size: %s", e)
+            raise InvalidArgument(f"cache_size: {e}") from None
+        if size < MIN_CACHE_SIZE:
+            log.warning("cache_size: %r is below the minimum of 1M", word[:40])
+            raise InvalidArgument(f"cache_size: {word[:40]!r} is below the minimum of 1M")
+        evicted = self._fs.cache.set_limit(size)
+        log.info("cache_size: %d bytes (%d page(s) evicted)", size, evicted)
 
     async def _pagecache_lock_command(self, text: str) -> None:
         word = text.strip()

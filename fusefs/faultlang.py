@@ -13,7 +13,7 @@ command is a query followed by actions, or a standalone command::
     query      := "name" NAME | "class" CLASS | "module" MODULE | "file" PATH
                 | "func" FUNC | "line" RANGE | "index" RANGE
     action     := "enable" | "disable" | "oneshot" | "frequency" INT
-                | "probability" FLOAT | "times" INT | "delay" MS
+                | "probability" FLOAT | "times" INT | "delay" MS ["-" MS]
     RANGE      := INT | INT "-" INT        (inclusive)
 
 Query terms AND together; a command without any applies to every site.
@@ -43,7 +43,9 @@ one; they do not accumulate across commands:
   ``enable``, ``frequency`` and ``probability``.
 - ``delay MS`` (MS >= 0, may be fractional): race sites only (other matched
   sites ignore it; a query with no race site is an error): sleep this long when
-  fired instead of one checkpoint.
+  fired instead of one checkpoint.  ``delay MIN-MAX``: a delay drawn uniformly
+  from that range on each fire, from a per-site RNG seeded like
+  ``probability``'s (a chaos schedule: ``class race probability 0.1 delay 0-5``).
 
 At most one of enable/disable/oneshot/frequency/probability may be given; if
 only ``times`` or ``delay`` is, the mode is ``enable``.  ``disable`` takes no
@@ -102,6 +104,7 @@ class Policy:
     probability: float = 0.0
     times: int | None = None
     delay_ms: float | None = None
+    delay_max_ms: float | None = None  # with delay_ms, a range drawn from on each fire
 
 
 DISABLED_POLICY: Final = Policy(Mode.DISABLED)
@@ -298,23 +301,27 @@ def _parse_policy(command: str, actions: Mapping[str, str | None]) -> Policy:
     if mode == "oneshot" and times_word is not None:
         raise command_error(command, "'oneshot' fires once; it takes no 'times'")
     times = None if times_word is None else _parse_uint(command, "times", times_word, minimum=1)
-    delay_ms = None
+    delay_ms = delay_max_ms = None
     if delay_word is not None:
-        delay_ms = _parse_float(command, "delay", delay_word, 0.0, math.inf)
+        low, dash, high = delay_word.partition("-")
+        delay_ms = _parse_float(command, "delay", low, 0.0, math.inf)
+        if dash:
+            delay_max_ms = _parse_float(command, "delay", high, delay_ms, math.inf)
+    delays = {"delay_ms": delay_ms, "delay_max_ms": delay_max_ms}
     value = actions.get(mode)
     if mode == "frequency":
         assert value is not None
         frequency = _parse_uint(command, "frequency", value, minimum=1)
-        return Policy(Mode.FREQUENCY, frequency=frequency, times=times, delay_ms=delay_ms)
+        return Policy(Mode.FREQUENCY, frequency=frequency, times=times, **delays)
     if mode == "probability":
         assert value is not None
         probability = _parse_float(command, "probability", value, 0.0, 1.0)
-        return Policy(Mode.PROBABILITY, probability=probability, times=times, delay_ms=delay_ms)
+        return Policy(Mode.PROBABILITY, probability=probability, times=times, **delays)
     if mode == "disable":
         return DISABLED_POLICY
     if mode == "oneshot":
-        return Policy(Mode.ONESHOT, delay_ms=delay_ms)
-    return Policy(Mode.ENABLED, times=times, delay_ms=delay_ms)
+        return Policy(Mode.ONESHOT, **delays)
+    return Policy(Mode.ENABLED, times=times, **delays)
 
 
 def parse(text: str) -> list[Command]:

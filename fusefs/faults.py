@@ -218,6 +218,7 @@ class _Site:
 
     __slots__ = (
         "_count",
+        "_delay_rng",
         "_frequency",
         "_hits_base",
         "_lock",
@@ -229,6 +230,7 @@ class _Site:
         "_ticks",
         "_times_left",
         "armed",
+        "delay_max_ms",
         "delay_ms",
         "fired",
         "info",
@@ -246,6 +248,8 @@ class _Site:
         self.fired = 0
         self.armed = False
         self.delay_ms: float | None = None
+        self.delay_max_ms: float | None = None
+        self._delay_rng: random.Random | None = None
         self._lock = lock
         self._log = log
         self._ticks = ticks
@@ -334,6 +338,10 @@ class _Site:
         self._rng = _site_rng(seed, self.info.name) if policy.mode is Mode.PROBABILITY else None
         self._times_left = policy.times
         self.delay_ms = policy.delay_ms if self.is_race else None
+        self.delay_max_ms = policy.delay_max_ms if self.is_race else None
+        self._delay_rng = (
+            _site_rng(seed, f"{self.info.name}:delay") if self.delay_max_ms is not None else None
+        )
 
     # Caller must hold the registry's lock.
     def reset(self, seed: int) -> None:
@@ -346,6 +354,17 @@ class _Site:
     def reseed(self, seed: int) -> None:
         if self._rng is not None:
             self._rng = _site_rng(seed, self.info.name)
+        if self._delay_rng is not None:
+            self._delay_rng = _site_rng(seed, f"{self.info.name}:delay")
+
+    def window_ms(self) -> float | None:
+        """How long a fire holds the window open: the delay, or a draw from its range."""
+        low = self.delay_ms
+        if low is None or self.delay_max_ms is None:
+            return low
+        with self._lock:
+            assert self._delay_rng is not None
+            return self._delay_rng.uniform(low, self.delay_max_ms)
 
     def state(self) -> str:
         mode = self._mode
@@ -360,7 +379,8 @@ class _Site:
         if self._times_left is not None:
             text += f" times={self._times_left}"
         if self.delay_ms is not None:
-            text += f" delay={self.delay_ms:g}ms"
+            high = "" if self.delay_max_ms is None else f"-{self.delay_max_ms:g}"
+            text += f" delay={self.delay_ms:g}{high}ms"
         return text
 
     def snapshot(self) -> FaultSite:
@@ -740,7 +760,7 @@ class FaultRegistry:
 
 
 async def _hold_window(site: _Site) -> None:
-    delay_ms = site.delay_ms
+    delay_ms = site.window_ms()
     if delay_ms is None:
         await trio.lowlevel.checkpoint()
     else:

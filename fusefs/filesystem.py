@@ -47,7 +47,7 @@ from fusefs.io.readahead import ReadaheadState
 from fusefs.io.truncate import truncate as truncate_inode
 from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
 from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
-from fusefs.pagecache import DEFAULT_CACHE_SIZE, PageCache
+from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class MountOptions:
                 opts.read_only = False
             elif key == "cache_size":
                 opts.cache_size = parse_size(value)
-                if opts.cache_size < 1 << 20:
+                if opts.cache_size < MIN_CACHE_SIZE:
                     raise InvalidArgument("cache_size must be at least 1M")
             elif key == "pagecache_lock":
                 opts.pagecache_lock = _on_off(key, value)

@@ -54,6 +54,7 @@ ALLOCATED: Final = 2
 SPACE_NAMES: Final = {UNALLOCATED: "unallocated", RESERVED: "reserved", ALLOCATED: "allocated"}
 
 DEFAULT_CACHE_SIZE: Final = 64 << 20
+MIN_CACHE_SIZE: Final = 1 << 20
 DIRTY_EXPIRE_SECONDS: Final = 2.0
 
 
@@ -210,10 +211,7 @@ class PageCache:
     ) -> None:
         self.block_size = block_size
         self.alloc = alloc
-        self.limit_bytes = limit_bytes
-        self.max_pages = max(16, limit_bytes // block_size)
-        self.dirty_limit = max(8, self.max_pages // 2)
-        self.background_limit = max(4, self.max_pages // 4)
+        self._set_limits(limit_bytes)
         self.lock_enabled = True
         self.mappings: dict[int, Mapping] = {}
         self.nr_pages = 0
@@ -250,6 +248,24 @@ class PageCache:
 
     def __repr__(self) -> str:
         return f"<PageCache pages={self.nr_pages}/{self.max_pages} dirty={self.nr_dirty}>"
+
+    def _set_limits(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.max_pages = max(16, limit_bytes // self.block_size)
+        self.dirty_limit = max(8, self.max_pages // 2)
+        self.background_limit = max(4, self.max_pages // 4)
+
+    def set_limit(self, limit_bytes: int) -> int:
+        """Change ``cache_size`` while mounted (``.fusefs/cache_size``): clean
+        pages over the new limit are evicted at once, dirty ones as writeback
+        cleans them (writers throttle on the new dirty limit).  Returns the
+        pages evicted."""
+        self._set_limits(limit_bytes)
+        if self.nr_dirty >= self.background_limit:
+            self.kick.set()
+        if self.nr_pages > self.max_pages:
+            return self.evict(self.nr_pages - self.max_pages)
+        return 0
 
     def statistics(self) -> PageCacheStatistics:
         c = self.counters

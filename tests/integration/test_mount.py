@@ -293,6 +293,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o700
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
     assert sorted(os.listdir(control)) == [
+        "cache_size",
         "drop_caches",
         "dynamic_fault",
         "fallocate",
@@ -309,6 +310,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
         "stats": 0o400,
         "fallocate": 0o600,
         "drop_caches": 0o200,
+        "cache_size": 0o600,
         "pagecache_lock": 0o600,
     }
     listing = read_file(os.path.join(control, "dynamic_fault")).decode()

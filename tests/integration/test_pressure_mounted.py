@@ -9,6 +9,7 @@ a remount: an acknowledged write must be there every time.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from .conftest import FuseMount, control_write
+from .conftest import FuseMount, control_read, control_write, stats
 from .test_races_mounted import site_fired, wait_until
 
 pytestmark = pytest.mark.mount
@@ -82,7 +83,9 @@ def test_drop_caches_between_fill_and_write(mnt: FuseMount) -> None:
     old = pattern(2 * BS, 1)
     write_file(mnt.path("f"), old)
     drop(mnt)
-    control_write(mnt.mountpoint, "dynamic_fault", "name buffered_write_after_fill delay 800 times 1")
+    control_write(
+        mnt.mountpoint, "dynamic_fault", "name buffered_write_after_fill delay 800 times 1"
+    )
     fd = os.open(mnt.path("f"), os.O_WRONLY)
     try:
         t = in_thread(lambda: os.pwrite(fd, b"xyz", BS + 10))
@@ -137,3 +140,26 @@ def test_truncate_into_a_dirty_page_against_drop_caches(mnt: FuseMount) -> None:
     finally:
         os.close(fd)
     check_everywhere(mnt, "f", old[: 2 * BS] + new[:100] + bytes(BS - 100))
+
+
+def test_cache_size_control_shrinks_and_grows_the_cache(mnt: FuseMount) -> None:
+    assert control_read(mnt.mountpoint, "cache_size") == f"{64 << 20}\n"
+    data = pattern(4 << 20, 6)
+    write_file(mnt.path("f"), data)
+    assert read_file(mnt.path("f")) == data
+    assert int(stats(mnt.mountpoint)["cache_pages"]) >= 1024
+    control_write(mnt.mountpoint, "cache_size", "1M")  # clean pages over 1 MiB go at once
+    assert control_read(mnt.mountpoint, "cache_size") == f"{1 << 20}\n"
+    assert int(stats(mnt.mountpoint)["cache_pages"]) <= 256
+    assert read_file(mnt.path("f")) == data  # streams through the small cache
+    assert int(stats(mnt.mountpoint)["cache_pages"]) <= 256
+    for bad in ("512k", "lots", "-1", ""):
+        try:
+            control_write(mnt.mountpoint, "cache_size", bad)
+        except OSError as e:
+            assert e.errno == errno.EINVAL, bad
+        else:
+            raise AssertionError(f"cache_size accepted {bad!r}")
+    assert control_read(mnt.mountpoint, "cache_size") == f"{1 << 20}\n"
+    control_write(mnt.mountpoint, "cache_size", "64M")
+    assert read_file(mnt.path("f")) == data

@@ -90,6 +90,7 @@ def fire_pattern(registry: FaultRegistry, name: str, hits: int) -> list[int]:
         ("func BlockDevice.flush times 2", {"bd_flush": "enabled times=2"}),
         ("func read_folio oneshot delay 0.5", {"br_window": "oneshot delay=0.5ms"}),
         ("name br_window delay 0", {"br_window": "enabled delay=0ms"}),
+        ("name br_window probability 0.5 delay 1-4", {"br_window": "probability=0.5 delay=1-4ms"}),
         ("line 25-35 enable", {"bd_flush": "enabled", "pc_buffer": "enabled"}),
         ("index 2-3 enable", {"bd_flush": "enabled", "commit_cp": "enabled"}),
         ("name bd_write frequency 2 times 3", {"bd_write": "frequency=2 times=3"}),
@@ -161,6 +162,9 @@ def test_a_later_command_replaces_the_policy(reg: FaultRegistry) -> None:
         ("name bd_write probability half", "'probability' needs a number between 0 and 1"),
         ("name br_window delay -1", "'delay' needs a number >= 0"),
         ("name br_window delay inf", "'delay' needs a number >= 0"),
+        ("name br_window delay 5-2", "'delay' needs a number >= 5, got '2'"),
+        ("name br_window delay 1-", "'delay' needs a number >= 1, got ''"),
+        ("name br_window delay 1-x", "'delay' needs a number >= 1, got 'x'"),
         ("line 10- enable", "unterminated range '10-'"),
         ("index 2- enable", "unterminated range '2-'"),
         ("line -5 enable", "malformed range '-5'"),
@@ -855,6 +859,27 @@ async def test_race_window_delay_lets_a_second_task_run_inside(
     assert await run_race(reg, 0.002) == ["A enters", "A leaves", "B runs"]
     site = reg.site("br_window")
     assert (site.hits, site.fired) == (2, 1)
+
+
+async def test_delay_range_draws_each_window_from_a_seeded_rng(
+    reg: FaultRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def windows() -> list[float]:
+        out = []
+        for _ in range(20):
+            start = trio.current_time()
+            await reg.race_fault("br_window")
+            out.append(trio.current_time() - start)
+        return out
+
+    reg.control("seed 3; name br_window enable delay 1-4")
+    first = await windows()
+    assert all(0.001 <= w <= 0.004 for w in first), first
+    assert len({round(w, 9) for w in first}) > 10  # drawn, not one fixed delay
+    reg.control("seed 3")  # the same seed replays the same windows
+    assert await windows() == pytest.approx(first)
+    reg.control("seed 4")
+    assert await windows() != pytest.approx(first)
 
 
 async def test_delay_applies_to_race_sites_only(reg: FaultRegistry) -> None:

@@ -280,10 +280,11 @@ async def test_control_directory_is_hidden_but_reachable(
         b"pid",
         b"fallocate",
         b"drop_caches",
+        b"cache_size",
         b"pagecache_lock",
     ]
     modes = [stat.S_IMODE((await ops.lookup(entry.st_ino, n, CTX)).st_mode) for n in replies.names]
-    assert modes == [0o600, 0o400, 0o400, 0o600, 0o200, 0o600]
+    assert modes == [0o600, 0o400, 0o400, 0o600, 0o200, 0o600, 0o600]
 
 
 async def read_control(ops: FuseOperations, name: bytes) -> bytes:
