@@ -60,6 +60,7 @@ nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import math
@@ -307,21 +308,21 @@ def _parse_policy(command: str, actions: Mapping[str, str | None]) -> Policy:
         delay_ms = _parse_float(command, "delay", low, 0.0, math.inf)
         if dash:
             delay_max_ms = _parse_float(command, "delay", high, delay_ms, math.inf)
-    delays = {"delay_ms": delay_ms, "delay_max_ms": delay_max_ms}
     value = actions.get(mode)
+    if mode == "disable":
+        return DISABLED_POLICY
+    policy = Policy(Mode.ENABLED, times=times, delay_ms=delay_ms, delay_max_ms=delay_max_ms)
     if mode == "frequency":
         assert value is not None
         frequency = _parse_uint(command, "frequency", value, minimum=1)
-        return Policy(Mode.FREQUENCY, frequency=frequency, times=times, **delays)
+        return dataclasses.replace(policy, mode=Mode.FREQUENCY, frequency=frequency)
     if mode == "probability":
         assert value is not None
         probability = _parse_float(command, "probability", value, 0.0, 1.0)
-        return Policy(Mode.PROBABILITY, probability=probability, times=times, **delays)
-    if mode == "disable":
-        return DISABLED_POLICY
+        return dataclasses.replace(policy, mode=Mode.PROBABILITY, probability=probability)
     if mode == "oneshot":
-        return Policy(Mode.ONESHOT, **delays)
-    return Policy(Mode.ENABLED, times=times, **delays)
+        return dataclasses.replace(policy, mode=Mode.ONESHOT)
+    return policy
 
 
 def parse(text: str) -> list[Command]:
