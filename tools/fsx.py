@@ -47,6 +47,7 @@ from tools.fsx_model import (
     format_ops,
     hexdump,
     parse_ops,
+    parse_weights,
     size_after,
     stamp_bytes,
     touching,
@@ -59,6 +60,7 @@ from tools.fsx_target import (
     Target,
     probe,
 )
+from tools.pressure import Pressure, PressureError, PressureSpec, parse_kinds
 
 RACE_SITES: Final = ("buffered_read_before_insert", "readahead_before_insert")
 EXIT_OK: Final = 0
@@ -162,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after SECONDS (ignores -N)")
     p.add_argument("--no-direct", action="store_true", help="no O_DIRECT descriptor")
     p.add_argument("--skip", default="", metavar="KINDS", help="op kinds not to generate (a,b)")
+    p.add_argument(
+        "--weights",
+        default="",
+        metavar="KIND=N,...",
+        help="op mix: relative weights of op kinds (docs/fsx.md lists the defaults)",
+    )
     g = p.add_argument_group("beyond fsx")
     g.add_argument("--minimize", action="store_true", help="shrink a failing op list")
     g.add_argument(
@@ -193,6 +201,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--race-probability", type=float, default=1.0, metavar="P")
     g.add_argument("--pagecache-lock", choices=("on", "off"), help="fusefs: switch the lock")
     g.add_argument(
+        "--pressure",
+        nargs="?",
+        const="all",
+        metavar="KINDS",
+        help="other processes' pressure on the cache while the run goes on: all (the "
+        "default) or some of stream,drop,cache (tools/pressure.py)",
+    )
+    g.add_argument(
+        "--pressure-cache",
+        type=_size,
+        default=1 << 20,
+        metavar="SIZE",
+        help="fusefs: cache size for --pressure cache (default 1M)",
+    )
+    g.add_argument(
+        "--pressure-interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="pause between drops of --pressure drop (default 0: back to back)",
+    )
+    g.add_argument(
+        "--chaos",
+        type=float,
+        metavar="P",
+        help="fusefs: arm every race site with probability P and a random window "
+        "(--chaos-delay), seeded by the run's seed",
+    )
+    g.add_argument(
+        "--chaos-delay",
+        default="0-2",
+        metavar="MIN-MAX",
+        help="window of --chaos in ms, drawn on each fire (default 0-2)",
+    )
+    g.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -210,6 +253,8 @@ class Options:
     seed: int
     notes: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
+    pressure: PressureSpec | None = None
+    weights: tuple[tuple[str, int], ...] = ()
 
     @property
     def gen(self) -> GenConfig:
@@ -221,6 +266,7 @@ class Options:
             writebdy=a.writebdy,
             truncbdy=a.truncbdy,
             kinds=self.kinds,
+            weights=self.weights,
         )
 
 
@@ -646,7 +692,24 @@ def _setup(args: argparse.Namespace, argv: list[str]) -> tuple[Options, MountSet
     caps = probe(args.file)
     kinds, notes = choose_kinds(args, caps)
     opts = Options(args, caps, frozenset(kinds), seed, notes, argv)
-    needs_mount = args.race_window or args.pagecache_lock or args.fault
+    try:
+        opts.weights = parse_weights(args.weights)
+    except ValueError as e:
+        raise SystemExit(f"fusefs-fsx: --weights: {e}") from None
+    if not any(dict(opts.weights).get(k, 1) for k in kinds):
+        raise SystemExit("fusefs-fsx: --weights: every op kind left has weight 0")
+    if args.pressure is not None:
+        try:
+            opts.pressure = PressureSpec(
+                parse_kinds(args.pressure),
+                cache_size=args.pressure_cache,
+                interval=args.pressure_interval / 1000,
+            )
+        except ValueError as e:
+            raise SystemExit(f"fusefs-fsx: --pressure: {e}") from None
+    if args.chaos is not None and not 0 < args.chaos <= 1:
+        raise SystemExit(f"fusefs-fsx: --chaos needs a probability in (0, 1], got {args.chaos}")
+    needs_mount = args.race_window or args.pagecache_lock or args.fault or args.chaos
     if args.direct_only and args.no_direct:
         raise SystemExit("fusefs-fsx: -Z and --no-direct exclude each other")
     if args.direct_only and not caps.direct:
@@ -654,7 +717,8 @@ def _setup(args: argparse.Namespace, argv: list[str]) -> tuple[Options, MountSet
     if not caps.fusefs:
         if needs_mount:
             raise SystemExit(
-                "fusefs-fsx: --race-window, --pagecache-lock and --fault need a fusefs mount"
+                "fusefs-fsx: --race-window, --pagecache-lock, --chaos and --fault need a "
+                "fusefs mount"
             )
         return opts, None
     assert caps.control_root is not None
@@ -668,6 +732,8 @@ def _setup(args: argparse.Namespace, argv: list[str]) -> tuple[Options, MountSet
             p = args.race_probability
             for site in RACE_SITES:
                 settings.fault(f"name {site} probability {p} delay {args.race_window}")
+        if args.chaos:
+            settings.chaos(seed, args.chaos, args.chaos_delay)
         for spec in args.fault:
             settings.fault(spec)
     except OSError as e:
@@ -697,11 +763,24 @@ def run(argv: Sequence[str]) -> int:
         print(f"fusefs-fsx: {args.file}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.procs:
-            from tools.fsx_procs import run_procs
+        with _pressure(opts, out) as pressure:
+            if args.procs:
+                from tools.fsx_procs import run_procs
 
-            return run_procs(opts, out)
-        return _run_single(opts, replay, out, settings)
+                status = run_procs(opts, out)
+            else:
+                status = _run_single(opts, replay, out, settings)
+        if pressure is not None:
+            if not args.quiet or pressure.problems:
+                print(f"fsx: pressure ({pressure.spec.describe()}): {pressure.summary()}", file=out)
+            for problem in pressure.problems:
+                print(f"fsx: FAILED: {problem}", file=out)
+            if pressure.problems:
+                return EXIT_FAILED
+        return status
+    except PressureError as e:
+        print(f"fusefs-fsx: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         raise
     except OSError as e:
@@ -711,6 +790,21 @@ def run(argv: Sequence[str]) -> int:
     finally:
         if settings is not None:
             settings.restore()
+
+
+@contextlib.contextmanager
+def _pressure(opts: Options, out: TextIO) -> Iterator[Pressure | None]:
+    """The run's `Pressure`, started before its first op and stopped after its
+    last (replays of --minimize included), or None without --pressure."""
+    if opts.pressure is None:
+        yield None
+        return
+    directory = os.path.dirname(os.path.abspath(opts.args.file))
+    with Pressure(opts.pressure, directory, opts.caps.control_root) as pressure:
+        if not opts.args.quiet:
+            print(f"fsx: pressure: {opts.pressure.describe()}", file=out)
+        yield pressure
+        pressure.check()
 
 
 def _describe_target(opts: Options) -> str:

@@ -451,6 +451,7 @@ class GenConfig:
     truncbdy: int = 1
     fallocbdy: int = 1  # --procs keeps every size a whole number of blocks
     kinds: frozenset[str] = frozenset()
+    weights: tuple[tuple[str, int], ...] = ()  # (kind, weight) over WEIGHTS (--weights)
 
 
 WEIGHTS: Final = {
@@ -475,6 +476,27 @@ WEIGHTS: Final = {
 ALL_KINDS: Final = frozenset(WEIGHTS)
 
 
+def parse_weights(text: str) -> tuple[tuple[str, int], ...]:
+    """``truncate=8,write=12``: op kinds and their weights (0 turns a kind off);
+    ``only:read=8,write=8,truncate=4``: those kinds and no other.  ValueError
+    names what is wrong."""
+    out = []
+    only, colon, rest = text.partition(":")
+    if colon:
+        if only.strip() != "only":
+            raise ValueError(f"{text!r}: the one prefix is 'only:'")
+        out = [(kind, 0) for kind in sorted(WEIGHTS)]
+        text = rest
+    for item in filter(None, (w.strip() for w in text.split(","))):
+        kind, eq, value = item.partition("=")
+        if kind not in WEIGHTS:
+            raise ValueError(f"unknown op kind {kind!r} (kinds: {', '.join(sorted(WEIGHTS))})")
+        if not eq or not value.isdigit():
+            raise ValueError(f"{item!r}: expected KIND=N with N >= 0")
+        out.append((kind, int(value)))
+    return tuple(out)
+
+
 def _down(value: int, bdy: int) -> int:
     return value - value % bdy
 
@@ -489,7 +511,11 @@ class Generator:
         self._kinds = sorted(config.kinds & ALL_KINDS)
         if not self._kinds:
             raise ValueError("no operation left to generate")
-        self._weights = [WEIGHTS[k] for k in self._kinds]
+        weights = {**WEIGHTS, **dict(config.weights)}
+        self._kinds = [k for k in self._kinds if weights[k] > 0]
+        if not self._kinds:
+            raise ValueError("no operation left to generate")
+        self._weights = [weights[k] for k in self._kinds]
 
     def next(self, number: int, size: int) -> Op:
         for _ in range(100):

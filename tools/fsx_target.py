@@ -360,6 +360,13 @@ class MountSettings:
         self._specs.append(spec)
         self._armed.append(fault_query(spec))
 
+    def chaos(self, seed: int, probability: float, delay: str) -> None:
+        """Every race site fires with ``probability`` and holds its window for
+        a time drawn from ``delay`` (``MIN-MAX`` ms), from RNGs seeded by
+        ``seed``: interleavings nobody wrote a test for, reproducible by seed."""
+        self.control.write("dynamic_fault", f"seed {seed}")
+        self.fault(f"class race probability {probability} delay {delay}")
+
     def rearm(self) -> None:
         """Send every fault command again (counters and ``times`` start over):
         each replay of ``--minimize`` runs in the same conditions as the first."""
