@@ -135,6 +135,8 @@ def _read_control(mountpoint: str, name: str) -> str:
 def cmd_mkfs(args: argparse.Namespace) -> int:
     from fusefs.format import mkfs, parse_size
 
+    for entry in _mounts_of(os.path.abspath(args.image)):
+        _fail(f"{args.image} is mounted on {entry.mountpoint}; unmount it first")
     size = parse_size(args.size)
     mkfs(args.image, size, block_size=args.block_size, force=args.force)
     blocks = size // args.block_size
@@ -516,6 +518,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusefs.format import MIN_BLOCKS, format_size, min_image_size
+
     parser = argparse.ArgumentParser(
         prog="fusefs", description="A userspace filesystem with its own page cache."
     )
@@ -530,9 +534,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("mkfs", cmd_mkfs, "make a new filesystem image")
     p.add_argument("image")
-    p.add_argument("--size", required=True, help="image size: 4096, 64M, 1G, 2GiB")
+    p.add_argument(
+        "--size",
+        required=True,
+        help=(
+            f"image size, at least {MIN_BLOCKS} blocks ({format_size(min_image_size(4096))} "
+            "with 4096-byte blocks): 256K, 64M, 1G, 2GiB"
+        ),
+    )
     p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing fusefs image")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing fusefs image, or a file that holds other data",
+    )
 
     p = command("mount", cmd_mount, "mount an image (returns once the mount is ready)")
     p.add_argument("image")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -43,6 +44,80 @@ def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     done = fusefs("mkfs", image, "--size", "32M", "--force")
     assert done.returncode == 0, done.stderr
     assert image.stat().st_size == 32 << 20
+
+
+@pytest.mark.mount
+def test_mkfs_refuses_a_mounted_image(mnt: FuseMount) -> None:
+    (Path(mnt.mountpoint) / "kept").write_bytes(b"still here")
+    before = mnt.image.read_bytes()[:8192]
+    for path in (mnt.image, Path(os.path.relpath(mnt.image))):
+        done = fusefs("mkfs", path, "--size", "32M", "--force")
+        assert_one_line_error(done, "mkfs")
+        assert "mounted on" in done.stderr
+    assert mnt.image.read_bytes()[:8192] == before
+    assert (Path(mnt.mountpoint) / "kept").read_bytes() == b"still here"
+
+
+@pytest.mark.mount
+def test_mkfs_takes_the_image_lock_the_daemon_holds(mnt: FuseMount, tmp_path: Path) -> None:
+    """A path mountinfo does not know (a symlink) still meets the daemon's lock."""
+    link = tmp_path / "link.img"
+    link.symlink_to(mnt.image)
+    size = mnt.image.stat().st_size
+    done = fusefs("mkfs", link, "--size", "32M", "--force")
+    assert_one_line_error(done, "mkfs")
+    assert "in use by a fusefs process" in done.stderr
+    assert mnt.image.stat().st_size == size
+    mnt.remount()  # the image is intact
+
+
+def test_mkfs_refuses_a_file_that_holds_other_data(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"a" * 1234)
+    done = fusefs("mkfs", notes, "--size", "1M")
+    assert_one_line_error(done, "mkfs")
+    assert "holds 1234 bytes of data that is not a fusefs image" in done.stderr
+    assert "--force" in done.stderr
+    assert notes.read_bytes() == b"a" * 1234
+    # Empty files, and files of zeros (sparse or not), hold nothing to lose.
+    for name, content in (("empty", b""), ("zeros", bytes(1 << 20))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        done = fusefs("mkfs", path, "--size", "1M")
+        assert done.returncode == 0, done.stderr
+    sparse = tmp_path / "sparse"
+    sparse.touch()
+    os.truncate(sparse, 1 << 30)
+    done = fusefs("mkfs", sparse, "--size", "1M")
+    assert done.returncode == 0, done.stderr
+    done = fusefs("mkfs", notes, "--size", "1M", "--force")
+    assert done.returncode == 0, done.stderr
+    assert fusefs("fsck", notes).returncode == 0
+
+
+def test_mkfs_size_help_and_errors_suggest_sizes_that_work(tmp_path: Path) -> None:
+    help_text = " ".join(fusefs("mkfs", "--help").stdout.split())
+    m = re.search(
+        r"--size SIZE image size, at least 64 blocks \((\w+) with [^)]*\): ([\w, ]+)", help_text
+    )
+    assert m, help_text
+    suggested = [m[1], *m[2].split(", ")]
+    done = fusefs("mkfs", tmp_path / "x.img", "--size", "lots")
+    assert_one_line_error(done, "mkfs")
+    m = re.search(r"unit: ([\w, ]+)\)", done.stderr)
+    assert m, done.stderr
+    suggested += m[1].split(", ")
+    for bad in ("4096", "4K", "255K"):
+        done = fusefs("mkfs", tmp_path / "x.img", "--size", bad)
+        assert_one_line_error(done, "mkfs")
+        m = re.search(r"too small: at least (\w+) ", done.stderr)
+        assert m, done.stderr
+        suggested.append(m[1])
+    assert "256K" in suggested
+    assert "4096" not in suggested
+    for i, size in enumerate(sorted(set(suggested))):
+        done = fusefs("mkfs", tmp_path / f"s{i}.img", "--size", size)
+        assert done.returncode == 0, f"--size {size}: {done.stderr}"
 
 
 @pytest.mark.parametrize(

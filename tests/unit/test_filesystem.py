@@ -429,6 +429,12 @@ async def test_mount_refuses_corrupt_and_foreign_images(tmp_path: Path, image: P
     fd = os.open(image, os.O_RDWR)
     os.pwrite(fd, b"\xde\xad\xbe\xef", 40)
     os.close(fd)
+    fs = await Filesystem.mount(image)  # from copy B: mkfs writes both
+    await fs.unmount()
+    fd = os.open(image, os.O_RDWR)
+    for copy in (0, 1):
+        os.pwrite(fd, b"\xde\xad\xbe\xef", copy * 4096 + 40)
+    os.close(fd)
     with pytest.raises(FsError, match="checksum"):
         await Filesystem.mount(image)
     truncated = tmp_path / "trunc.img"
