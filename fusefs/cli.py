@@ -333,8 +333,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     for entry in _mounts_of(image):
         _fail(f"{args.image} is mounted on {entry.mountpoint}; unmount it first", 8)
-    result = fsck(image, repair=args.repair)
-    for message in result.messages:
+    result = fsck(args.image, repair=args.repair)
+    # Errors on stderr (each once, one line), then the notes and the summary.
+    for message in result.errors:
+        print(f"fusefs fsck: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    for message in result.report:
         print(message)
     return result.exit_code
 

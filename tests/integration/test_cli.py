@@ -120,6 +120,36 @@ def test_mkfs_size_help_and_errors_suggest_sizes_that_work(tmp_path: Path) -> No
         assert done.returncode == 0, f"--size {size}: {done.stderr}"
 
 
+def test_fsck_errors_go_to_stderr_once(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.img"
+    done = fusefs("fsck", missing)
+    assert done.returncode == 8
+    assert done.stdout == ""
+    assert done.stderr == f"fusefs fsck: {missing}: no such image file\n"
+
+
+def test_fsck_reports_and_repairs_a_damaged_superblock_copy(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    for copy, block in (("B", 1), ("A", 0)):
+        with open(image, "r+b") as f:
+            f.seek(block * 4096 + 16)
+            f.write(b"\xde\xad")  # inside the checksummed fields
+        done = fusefs("fsck", image)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert done.stderr == (
+            f"fusefs fsck: superblock copy {copy} (block {block}) is damaged: superblock "
+            "checksum mismatch; the image still mounts from the other copy\n"
+        )
+        assert done.stdout == "1 inodes, 1 errors\n"
+        done = fusefs("fsck", image, "--repair")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.endswith("(fixed)\n")
+        done = fusefs("fsck", image)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stderr == ""
+
+
 @pytest.mark.parametrize(
     ("size", "block_size", "words"),
     [
@@ -261,7 +291,7 @@ def test_fsck_exit_codes_damaged(tmp_path: Path) -> None:
     trio.run(_damage_link_count, image)
     done = fusefs("fsck", image)
     assert done.returncode == 4, done.stdout + done.stderr
-    assert "link count" in done.stdout
+    assert "link count" in done.stderr
     done = fusefs("fsck", image, "--repair")
     assert done.returncode == 1, done.stdout + done.stderr
     assert fusefs("fsck", image).returncode == 0
