@@ -150,6 +150,24 @@ def test_fsck_reports_and_repairs_a_damaged_superblock_copy(tmp_path: Path) -> N
         assert done.stderr == ""
 
 
+@pytest.mark.mount
+def test_broad_fault_queries_do_not_arm_selftest_sites(mnt: FuseMount) -> None:
+    for query in ("", "class io", "class error", "file blockdev.py", "name *"):
+        control_write(mnt.mountpoint, "dynamic_fault", f"{query} probability 0")
+        text = control_read(mnt.mountpoint, "dynamic_fault")
+        listing = [ln for ln in text.splitlines() if not ln.startswith("#")]
+        armed = {ln.split(" name:")[1].split()[0] for ln in listing if "probability=0" in ln}
+        assert armed, query
+        selftest = {ln.split(" name:")[1].split()[0] for ln in listing if ":selftest " in ln}
+        assert {"daemon_crash", "blockdev_corrupt_write"} <= selftest
+        assert not armed & selftest, query
+        control_write(mnt.mountpoint, "dynamic_fault", "reset")
+    control_write(mnt.mountpoint, "dynamic_fault", "class error:selftest probability 0")
+    text = control_read(mnt.mountpoint, "dynamic_fault")
+    assert "name:daemon_crash probability=0 " in text
+    control_write(mnt.mountpoint, "dynamic_fault", "reset")
+
+
 @pytest.mark.parametrize(
     ("size", "block_size", "words"),
     [
