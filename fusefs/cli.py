@@ -365,7 +365,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
     text = " ".join(args.command)
     path = _control_path(args.mountpoint, "dynamic_fault")
     try:
-        fd = os.open(path, os.O_WRONLY)
+        # Read-write: after a refused command, the handle reads back its reason.
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         _fail(f"{args.mountpoint}: not a fusefs mount (no {CONTROL_DIR}/dynamic_fault)")
     except OSError as e:
@@ -373,12 +374,22 @@ def cmd_fault(args: argparse.Namespace) -> int:
     try:
         os.write(fd, text.encode())
     except OSError as e:
+        reason = _result(fd).removeprefix("error ").partition(": ")[2]
         name = errno.errorcode.get(e.errno or 0, str(e.errno))
-        hint = "no fault site matches" if e.errno == errno.ENOENT else e.strerror
-        _fail(f"{text!r}: {name}: {hint} (the daemon log has the details)")
+        _fail(f"{reason or e.strerror} ({name}; {_log_hint(args.mountpoint)})")
     finally:
         os.close(fd)
     return 0
+
+
+def _log_hint(mountpoint: str) -> str:
+    """Where the daemon of ``mountpoint`` logs, as the end of an error message."""
+    try:
+        with open(_control_path(mountpoint, "log_path"), encoding="utf-8") as f:
+            log_path = f.read().strip()
+    except OSError:
+        log_path = ""
+    return f"daemon log: {log_path}" if log_path not in ("", "-") else "see the daemon log"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -397,7 +408,7 @@ def _write_control(mountpoint: str, name: str, text: str) -> None:
     try:
         os.write(fd, text.encode())
     except OSError as e:
-        _fail(f"{text!r}: {e.strerror} (the daemon log has the details)")
+        _fail(f"{text!r}: {e.strerror} ({_log_hint(mountpoint)})")
     finally:
         os.close(fd)
 

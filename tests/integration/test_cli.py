@@ -151,6 +151,25 @@ def test_fsck_reports_and_repairs_a_damaged_superblock_copy(tmp_path: Path) -> N
 
 
 @pytest.mark.mount
+def test_fault_command_errors_say_why_and_where_the_log_is(mnt: FuseMount) -> None:
+    cases = [
+        (("name", "blockdev_write", "explode"), "unknown keyword 'explode'", "EINVAL"),
+        (("name", "nosuch_site", "enable"), "no site matches 'name nosuch_site'", "ENOENT"),
+        (("file", "fuse_ops.py", "enable"), "self-test sites match only by", "ENOENT"),
+    ]
+    for words, reason, name in cases:
+        done = fusefs("fault", mnt.mountpoint, *words)
+        assert_one_line_error(done, "fault")
+        assert reason in done.stderr
+        assert f"({name}; daemon log: {mnt.log})" in done.stderr
+    mnt.allow_log_errors = True
+    done = fusefs("fault", mnt.mountpoint, "name", "blockdev_write", "oneshot")
+    assert done.returncode == 0, done.stderr
+    assert "name:blockdev_write oneshot " in control_read(mnt.mountpoint, "dynamic_fault")
+    control_write(mnt.mountpoint, "dynamic_fault", "reset")
+
+
+@pytest.mark.mount
 def test_broad_fault_queries_do_not_arm_selftest_sites(mnt: FuseMount) -> None:
     for query in ("", "class io", "class error", "file blockdev.py", "name *"):
         control_write(mnt.mountpoint, "dynamic_fault", f"{query} probability 0")

@@ -296,6 +296,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
         "drop_caches",
         "dynamic_fault",
         "fallocate",
+        "log_path",
         "pagecache_lock",
         "pid",
         "stats",
@@ -310,6 +311,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
         "fallocate": 0o600,
         "drop_caches": 0o200,
         "pagecache_lock": 0o600,
+        "log_path": 0o400,
     }
     listing = read_file(os.path.join(control, "dynamic_fault")).decode()
     assert listing.startswith("# sites:")
@@ -318,6 +320,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
     assert "inodes: " in stats
     pid = int(read_file(os.path.join(control, "pid")))
     assert os.path.exists(f"/proc/{pid}")
+    assert read_file(os.path.join(control, "log_path")).decode() == f"{shared_mount.log}\n"
     assert_errno(errno.EPERM, os.mkdir, os.path.join(control, "x"))
     assert_errno(errno.EPERM, os.rmdir, control)
     assert_errno(errno.EACCES, os.open, os.path.join(control, "stats"), os.O_WRONLY)
