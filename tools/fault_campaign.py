@@ -135,9 +135,10 @@ class Campaign:
 # sites:
 
 
-def list_sites(cfg: RunConfig) -> list[SiteInfo]:
-    """The sites as a freshly mounted filesystem lists them."""
-    with tempfile.TemporaryDirectory(prefix="sites-", dir=cfg.out) as tmp:
+def list_sites(cfg: RunConfig, where: Path | None) -> list[SiteInfo]:
+    """The sites as a freshly mounted filesystem lists them (its image and mount
+    point in a temporary directory under ``where``, or the system's)."""
+    with tempfile.TemporaryDirectory(prefix="fusefs-sites-", dir=where) as tmp:
         image = Image(Path(tmp), "16M", timeout=cfg.timeout)
         image.mkfs()
         mounted = image.mount()
@@ -253,7 +254,8 @@ class Progress:
 
 def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.list:  # --list writes nothing: no report directory
+        out.mkdir(parents=True, exist_ok=True)
     workloads = tuple(w for item in args.workload for w in item.split(",") if w)
     cfg = RunConfig(
         out=out,
@@ -280,7 +282,7 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
         args.cls or args.module or args.name
     )
     if want_sites or args.list:
-        campaign.all_sites = list_sites(cfg)
+        campaign.all_sites = list_sites(cfg, None if args.list else out)
         campaign.sites = select_sites(campaign.all_sites, args)
         if args.list:
             return campaign
