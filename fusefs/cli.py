@@ -39,8 +39,22 @@ from fusefs.process import wait_exit
 READY_TIMEOUT: Final = 120.0
 UMOUNT_TIMEOUT: Final = 60.0
 CONTROL_DIR: Final = ".fusefs"
-# Kernel-side options `-o` accepts besides the core's (MountOptions.parse).
-_FUSE_ONLY_OPTIONS: Final = frozenset({"allow_other"})
+# Kernel-side options `-o` accepts besides the core's (MountOptions.parse): allow_other
+# and the mount(2) flags libfuse knows.
+_FUSE_ONLY_OPTIONS: Final = frozenset(
+    {"allow_other", "suid", "nosuid", "dev", "nodev", "exec", "noexec"}
+    | {"async", "sync", "atime", "noatime", "dirsync"}
+)
+# Options that mean something to mount(8) or fstab only, or that fusefs has no use
+# for (it keeps no atime policy of its own): accepted and dropped, so that an fstab
+# line written for any filesystem mounts.
+_IGNORED_OPTIONS: Final = frozenset(
+    {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
+    | {"owner", "group", "relatime", "norelatime", "strictatime", "nostrictatime"}
+    | {"lazytime", "nolazytime", "diratime", "nodiratime", "iversion", "noiversion"}
+    | {"loud", "silent"}
+)
+_IGNORED_PREFIXES: Final = ("x-", "comment=")
 
 
 class CliError(Exception):
@@ -147,14 +161,16 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 # mount:
 
 
-def _split_options(text: str) -> tuple[list[str], str]:
+def split_options(text: str) -> tuple[list[str], str]:
+    """(options for the kernel's mount, options for the core)."""
     items = [s.strip() for s in text.split(",") if s.strip()]
+    items = [s for s in items if s not in _IGNORED_OPTIONS and not s.startswith(_IGNORED_PREFIXES)]
     fuse_only = [s for s in items if s in _FUSE_ONLY_OPTIONS]
     core = ",".join(s for s in items if s not in _FUSE_ONLY_OPTIONS)
     return fuse_only, core
 
 
-def _check_mount_args(args: argparse.Namespace) -> None:
+def check_mount_args(args: argparse.Namespace) -> None:
     if not os.path.exists(args.image):
         _fail(f"{args.image}: no such image file")
     if not os.path.isfile(args.image):
@@ -175,11 +191,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     args.image = os.path.abspath(args.image)
     args.mountpoint = os.path.abspath(args.mountpoint)
-    fuse_only, core = _split_options(args.options)
+    fuse_only, core = split_options(args.options)
     options = MountOptions.parse(core)  # a bad option fails here, before any fork
     log_path = os.path.abspath(args.log) if args.log else daemon.default_log_path(args.image)
     if args.ready_fd is None:  # a user's command, not the daemon we started
-        _check_mount_args(args)
+        check_mount_args(args)
     if args.foreground:
         extra = [*fuse_only, "ro"] if options.read_only else fuse_only
         config = daemon.DaemonConfig(
@@ -582,7 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help=(
             "comma-separated: ro, rw, commit=SECONDS, cache_size=SIZE, readahead=on|off, "
-            "pagecache_lock=on|off (off only to demonstrate races), allow_other"
+            "pagecache_lock=on|off (off only to demonstrate races), allow_other, the "
+            "mount flags nosuid, nodev, noexec, noatime, sync, dirsync (and their "
+            "opposites); fstab-only options (defaults, noauto, nofail, _netdev, x-*) are "
+            "ignored"
         ),
     )
     p.add_argument("--log", metavar="PATH", help="daemon log (default IMAGE.log)")
@@ -634,8 +653,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fuse_helper_call(argv: list[str], parser: argparse.ArgumentParser) -> bool:
+    """Whether ``argv`` is ``SOURCE MOUNTPOINT [-o OPTIONS]``: how mount.fuse3 runs
+    the program of a ``fuse.fusefs`` mount (type ``fuse.TYPE`` runs ``TYPE``)."""
+    commands = next(a.choices for a in parser._actions if a.dest == "command_name") or ()
+    return (
+        len(argv) >= 2
+        and argv[0] not in commands
+        and not argv[0].startswith("-")
+        and os.path.isdir(argv[1])
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _fuse_helper_call(argv, parser):
+        argv = ["mount", *argv]
+    args = parser.parse_args(argv)
     prefix = f"fusefs {args.command_name}"
     try:
         code: int = args.func(args)
