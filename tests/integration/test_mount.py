@@ -108,8 +108,11 @@ def test_shared_mmap_refused_private_works(work: str) -> None:
     path = os.path.join(work, "m")
     write_file(path, b"x" * 4096)
     with open(path, "r+b") as f:
-        # DESIGN §2: the kernel refuses shared mappings of direct_io files.
+        # DESIGN §2: the kernel refuses shared mappings of direct_io files, read-only
+        # ones too (README says so).
         assert errno_of(mmap.mmap, f.fileno(), 4096, mmap.MAP_SHARED) == errno.ENODEV
+        ro = mmap.PROT_READ
+        assert errno_of(mmap.mmap, f.fileno(), 4096, mmap.MAP_SHARED, ro) == errno.ENODEV
         with mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_PRIVATE) as m:
             assert m[:4] == b"xxxx"
 
