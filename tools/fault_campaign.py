@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from rich.console import Console
 
+from fusefs.demo import demo_console
 from tools.campaign_mount import Image, SiteInfo, kill_all, parse_listing
 from tools.campaign_report import render_markdown, summary_lines
 from tools.campaign_run import (
@@ -511,7 +512,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     campaign = run_campaign(args, console)
@@ -523,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:32} {s.cls:16} {s.module} ({s.file}:{s.line})")
         return 0
     json_path, md_path = write_reports(campaign, out)
-    stdout = Console(highlight=False)
+    stdout = demo_console(highlight=False)
     for line in summary_lines(campaign.to_json()):
         stdout.print(line)
     stdout.print(f"reports: {md_path} {json_path}")
