@@ -39,8 +39,22 @@ from fusefs.process import wait_exit
 READY_TIMEOUT: Final = 120.0
 UMOUNT_TIMEOUT: Final = 60.0
 CONTROL_DIR: Final = ".fusefs"
-# Kernel-side options `-o` accepts besides the core's (MountOptions.parse).
-_FUSE_ONLY_OPTIONS: Final = frozenset({"allow_other"})
+# Kernel-side options `-o` accepts besides the core's (MountOptions.parse): allow_other
+# and the mount(2) flags libfuse knows.
+_FUSE_ONLY_OPTIONS: Final = frozenset(
+    {"allow_other", "suid", "nosuid", "dev", "nodev", "exec", "noexec"}
+    | {"async", "sync", "atime", "noatime", "dirsync"}
+)
+# Options that mean something to mount(8) or fstab only, or that fusefs has no use
+# for (it keeps no atime policy of its own): accepted and dropped, so that an fstab
+# line written for any filesystem mounts.
+_IGNORED_OPTIONS: Final = frozenset(
+    {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser"}
+    | {"owner", "group", "relatime", "norelatime", "strictatime", "nostrictatime"}
+    | {"lazytime", "nolazytime", "diratime", "nodiratime", "iversion", "noiversion"}
+    | {"loud", "silent"}
+)
+_IGNORED_PREFIXES: Final = ("x-", "comment=")
 
 
 class CliError(Exception):
@@ -135,6 +149,8 @@ def _read_control(mountpoint: str, name: str) -> str:
 def cmd_mkfs(args: argparse.Namespace) -> int:
     from fusefs.format import mkfs, parse_size
 
+    for entry in _mounts_of(os.path.abspath(args.image)):
+        _fail(f"{args.image} is mounted on {entry.mountpoint}; unmount it first")
     size = parse_size(args.size)
     mkfs(args.image, size, block_size=args.block_size, force=args.force)
     blocks = size // args.block_size
@@ -145,14 +161,16 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 # mount:
 
 
-def _split_options(text: str) -> tuple[list[str], str]:
+def split_options(text: str) -> tuple[list[str], str]:
+    """(options for the kernel's mount, options for the core)."""
     items = [s.strip() for s in text.split(",") if s.strip()]
+    items = [s for s in items if s not in _IGNORED_OPTIONS and not s.startswith(_IGNORED_PREFIXES)]
     fuse_only = [s for s in items if s in _FUSE_ONLY_OPTIONS]
     core = ",".join(s for s in items if s not in _FUSE_ONLY_OPTIONS)
     return fuse_only, core
 
 
-def _check_mount_args(args: argparse.Namespace) -> None:
+def check_mount_args(args: argparse.Namespace) -> None:
     if not os.path.exists(args.image):
         _fail(f"{args.image}: no such image file")
     if not os.path.isfile(args.image):
@@ -173,11 +191,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     args.image = os.path.abspath(args.image)
     args.mountpoint = os.path.abspath(args.mountpoint)
-    fuse_only, core = _split_options(args.options)
+    fuse_only, core = split_options(args.options)
     options = MountOptions.parse(core)  # a bad option fails here, before any fork
     log_path = os.path.abspath(args.log) if args.log else daemon.default_log_path(args.image)
     if args.ready_fd is None:  # a user's command, not the daemon we started
-        _check_mount_args(args)
+        check_mount_args(args)
     if args.foreground:
         extra = [*fuse_only, "ro"] if options.read_only else fuse_only
         config = daemon.DaemonConfig(
@@ -331,8 +349,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     for entry in _mounts_of(image):
         _fail(f"{args.image} is mounted on {entry.mountpoint}; unmount it first", 8)
-    result = fsck(image, repair=args.repair)
-    for message in result.messages:
+    result = fsck(args.image, repair=args.repair)
+    # Errors on stderr (each once, one line), then the notes and the summary.
+    for message in result.errors:
+        print(f"fusefs fsck: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    for message in result.report:
         print(message)
     return result.exit_code
 
@@ -359,7 +381,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
     text = " ".join(args.command)
     path = _control_path(args.mountpoint, "dynamic_fault")
     try:
-        fd = os.open(path, os.O_WRONLY)
+        # Read-write: after a refused command, the handle reads back its reason.
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         _fail(f"{args.mountpoint}: not a fusefs mount (no {CONTROL_DIR}/dynamic_fault)")
     except OSError as e:
@@ -367,12 +390,22 @@ def cmd_fault(args: argparse.Namespace) -> int:
     try:
         os.write(fd, text.encode())
     except OSError as e:
+        reason = _result(fd).removeprefix("error ").partition(": ")[2]
         name = errno.errorcode.get(e.errno or 0, str(e.errno))
-        hint = "no fault site matches" if e.errno == errno.ENOENT else e.strerror
-        _fail(f"{text!r}: {name}: {hint} (the daemon log has the details)")
+        _fail(f"{reason or e.strerror} ({name}; {_log_hint(args.mountpoint)})")
     finally:
         os.close(fd)
     return 0
+
+
+def _log_hint(mountpoint: str) -> str:
+    """Where the daemon of ``mountpoint`` logs, as the end of an error message."""
+    try:
+        with open(_control_path(mountpoint, "log_path"), encoding="utf-8") as f:
+            log_path = f.read().strip()
+    except OSError:
+        log_path = ""
+    return f"daemon log: {log_path}" if log_path not in ("", "-") else "see the daemon log"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -391,7 +424,7 @@ def _write_control(mountpoint: str, name: str, text: str) -> None:
     try:
         os.write(fd, text.encode())
     except OSError as e:
-        _fail(f"{text!r}: {e.strerror} (the daemon log has the details)")
+        _fail(f"{text!r}: {e.strerror} ({_log_hint(mountpoint)})")
     finally:
         os.close(fd)
 
@@ -516,6 +549,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fusefs.format import MIN_BLOCKS, format_size, min_image_size
+
     parser = argparse.ArgumentParser(
         prog="fusefs", description="A userspace filesystem with its own page cache."
     )
@@ -530,9 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("mkfs", cmd_mkfs, "make a new filesystem image")
     p.add_argument("image")
-    p.add_argument("--size", required=True, help="image size: 4096, 64M, 1G, 2GiB")
+    p.add_argument(
+        "--size",
+        required=True,
+        help=(
+            f"image size, at least {MIN_BLOCKS} blocks ({format_size(min_image_size(4096))} "
+            "with 4096-byte blocks): 256K, 64M, 1G, 2GiB"
+        ),
+    )
     p.add_argument("--block-size", type=int, default=4096, help="bytes per block (default 4096)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing fusefs image")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing fusefs image, or a file that holds other data",
+    )
 
     p = command("mount", cmd_mount, "mount an image (returns once the mount is ready)")
     p.add_argument("image")
@@ -552,7 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help=(
             "comma-separated: ro, rw, commit=SECONDS, cache_size=SIZE, readahead=on|off, "
-            "pagecache_lock=on|off (off only to demonstrate races), allow_other"
+            "pagecache_lock=on|off (off only to demonstrate races), allow_other, the "
+            "mount flags nosuid, nodev, noexec, noatime, sync, dirsync (and their "
+            "opposites); fstab-only options (defaults, noauto, nofail, _netdev, x-*) are "
+            "ignored"
         ),
     )
     p.add_argument("--log", metavar="PATH", help="daemon log (default IMAGE.log)")
@@ -604,8 +653,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fuse_helper_call(argv: list[str], parser: argparse.ArgumentParser) -> bool:
+    """Whether ``argv`` is ``SOURCE MOUNTPOINT [-o OPTIONS]``: how mount.fuse3 runs
+    the program of a ``fuse.fusefs`` mount (type ``fuse.TYPE`` runs ``TYPE``)."""
+    commands = next(a.choices for a in parser._actions if a.dest == "command_name") or ()
+    return (
+        len(argv) >= 2
+        and argv[0] not in commands
+        and not argv[0].startswith("-")
+        and os.path.isdir(argv[1])
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _fuse_helper_call(argv, parser):
+        argv = ["mount", *argv]
+    args = parser.parse_args(argv)
     prefix = f"fusefs {args.command_name}"
     try:
         code: int = args.func(args)

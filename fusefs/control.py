@@ -19,8 +19,10 @@ not buffered: each ``write()`` is one command (procfs style; the offset is
 ignored), and the command's error is that ``write()``'s error.  A handle opened
 for reading *and* writing takes a new snapshot right after each of its commands,
 so ``pread(fd, ..., 0)`` after ``write(fd, cmd)`` returns that command's own
-result even while other processes use the same file (``fusefs fallocate`` reads
-its error message that way).
+result even while other processes use the same file: the file's text after a
+command that succeeded, one line ``error EINVAL: <reason>`` after one that
+failed (``fusefs fallocate`` and ``fusefs fault`` read their error messages that
+way).
 
 The files use FUSE ``direct_io`` like every other file, so the kernel passes each
 read and write through even though ``getattr`` reports size 0.
@@ -30,7 +32,8 @@ Files for this issue:
 ``dynamic_fault`` (0600)
     read: the fault-site listing; write: fault commands (DESIGN §4), several may be
     separated by ``;`` or newlines.  A malformed command fails with EINVAL, a query
-    that matches nothing with ENOENT; the reason goes to the daemon log.
+    that matches nothing with ENOENT; the reason goes to the daemon log, and to a
+    read-write handle's next read.
 ``stats`` (0400)
     read: ``key: value`` lines from `Filesystem.stats`.
 ``pid`` (0400)
@@ -45,7 +48,11 @@ Files for this issue:
     ``stat`` sees the new size and times (DESIGN §5); its cached data goes
     through `Filesystem.invalidate_kernel`.
 ``drop_caches`` (0200)
-    write ``1``: write back every dirty page and drop every clean one.
+    write ``1``, ``2`` or ``3``, as Linux's ``/proc/sys/vm/drop_caches``: write back
+    every dirty page and drop every clean one.  Linux's ``2`` (reclaimable slab:
+    dentries and inodes) has no counterpart here -- fusefs caches nothing besides
+    pages that it could drop (inodes stay in memory while mounted) -- so ``2`` and
+    ``3`` do what ``1`` does.  Anything else fails with EINVAL.
 ``cache_size`` (0600)
     read: the page cache's limit in bytes; write a size (``1M``, ``65536``,
     at least 1M, as the ``cache_size=`` mount option) to change it while
@@ -54,6 +61,8 @@ Files for this issue:
 ``pagecache_lock`` (0600)
     read: ``on`` or ``off``; write ``on`` or ``off`` to switch the pagecache add
     lock of every inode (``off`` only to demonstrate the races, DESIGN §3).
+``log_path`` (0400)
+    read: the path of the daemon's log, where every refused command says why.
 """
 
 from __future__ import annotations
@@ -131,8 +140,10 @@ class ControlDir:
         uid: int | None = None,
         gid: int | None = None,
         pid: int | None = None,
+        log_path: str = "",
     ) -> None:
         self._fs = fs
+        self._log_path = log_path
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._pid = os.getpid() if pid is None else pid
@@ -160,6 +171,7 @@ class ControlDir:
                 read=lambda: "on\n" if self._fs.cache.lock_enabled else "off\n",
                 write=self._pagecache_lock_command,
             ),
+            ControlFile(b"log_path", 0o400, read=lambda: f"{self._log_path or '-'}\n"),
         )
         self._fallocate_result = "none"
         self._by_name = {f.name: i for i, f in enumerate(self._table)}
@@ -288,15 +300,18 @@ class ControlDir:
         if h.file.write is None:
             raise FsError(f"{h.file.name.decode()} is read-only", errno=errno.EBADF)
         try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            raise InvalidArgument(f"{h.file.name.decode()}: command is not UTF-8") from None
-        try:
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"{h.file.name.decode()}: command is not UTF-8") from None
             await h.file.write(text)
-        finally:
-            # No await between the command's end and this: the snapshot is its result.
-            if h.readable and h.file.read is not None:
-                h.snapshot = h.file.read().encode()
+        except FsError as e:
+            if h.readable:
+                h.snapshot = f"error {_errname(e.code)}: {e}\n".encode()
+            raise
+        # No await between the command's end and this: the snapshot is its result.
+        if h.readable and h.file.read is not None:
+            h.snapshot = h.file.read().encode()
         return len(data)
 
     def release(self, fh: int) -> None:
@@ -348,9 +363,10 @@ class ControlDir:
         return ino
 
     async def _drop_caches_command(self, text: str) -> None:
-        if text.strip() != "1":
-            log.warning("drop_caches: write 1, not %r", text.strip()[:40])
-            raise InvalidArgument(f"drop_caches: write 1, not {text.strip()[:40]!r}")
+        if text.strip() not in ("1", "2", "3"):
+            log.warning("drop_caches: write 1, 2 or 3, not %r", text.strip()[:40])
+            raise InvalidArgument(f"drop_caches: write 1, 2 or 3, not {text.strip()[:40]!r}")
+        # 2 and 3 do what 1 does: no other cache here could be dropped (see above).
         dropped = await self._fs.drop_caches()
         log.info("drop_caches: %d page(s) dropped", dropped)
 

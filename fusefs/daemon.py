@@ -200,7 +200,7 @@ async def _mount_and_serve(config: DaemonConfig, ready: Readiness, stopper: _Sto
         if stopper.requested:
             ready.fail("stopped by a signal before the mount was ready")
             return await _shutdown(config, fs, session=False)
-        ops = FuseOperations(fs, ControlDir(fs))
+        ops = FuseOperations(fs, ControlDir(fs, log_path=config.log_path))
         try:
             pyfuse3.init(ops, config.mountpoint, config.fuse_options)
         except RuntimeError as e:

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import trio
 from rich.console import Console
 from rich.table import Table
 
 from fusefs.races import RACES, RaceOutcome, run_race
+
+
+def demo_console(file: IO[str] | None = None, *, highlight: bool = True) -> Console:
+    """The console the demonstrations print on.  Soft-wrapped: a long record (a
+    fault site, a result) stays one line, which a terminal wraps on its own.  When
+    the output is not a terminal, rich would assume 80 columns and squeeze tables
+    and rules into them: give them room instead."""
+    stream = sys.stdout if file is None else file
+    wide = None if stream.isatty() else 120
+    return Console(file=file, soft_wrap=True, width=wide, highlight=highlight)
 
 
 async def _run_all(
@@ -29,7 +41,7 @@ async def _run_all(
 def race_table(numbers: set[int] | None = None, console: Console | None = None) -> bool:
     """Run the races and print the table; True when every race behaved as expected
     (wrong without the lock, right with it)."""
-    console = console or Console()
+    console = console or demo_console()
     # The lock-off runs log the damage they do; the table is the report here.
     logging.getLogger("fusefs").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="fusefs-races-") as tmp:

@@ -16,7 +16,8 @@ command is a query followed by actions, or a standalone command::
                 | "probability" FLOAT | "times" INT | "delay" MS ["-" MS]
     RANGE      := INT | INT "-" INT        (inclusive)
 
-Query terms AND together; a command without any applies to every site.
+Query terms AND together; a command without any applies to every site but the
+self-test ones, which only a query naming them reaches (`fusefs.faults.names_selftest`).
 
 - ``name``: the site's name.  ``module``: the dotted module name or a dotted
   suffix of it (``fusefs.io.buffered``, ``io.buffered``, ``buffered``).

@@ -55,8 +55,8 @@ registry's seed and the site's name when the policy is set.  A site's decisions
 therefore depend only on its own hits, not on how tasks interleave, and a run is
 reproducible from the seed shown in the listing header.
 
-Listing (`FaultRegistry.listing`): a header ``# sites:S armed:A fired:F seed:N``
-then one line per site in file/line order::
+Listing (`FaultRegistry.listing`): a header ``# sites:S armed:A fired:F seed:N``,
+a comment line on self-test sites, then one line per site in file/line order::
 
     fusefs/blockdev.py:88 class:io:write module:fusefs.blockdev func:BlockDevice.write \
 name:blockdev_write frequency=3 times=2 hits:7 fired:2
@@ -64,6 +64,11 @@ name:blockdev_write frequency=3 times=2 hits:7 fired:2
 The state is ``disabled``, ``enabled``, ``oneshot``, ``frequency=N`` or
 ``probability=P``, followed by `` times=N`` (fires left) and `` delay=MSms``
 where set.
+
+Self-test sites (class ``...:selftest``) break the filesystem on purpose, to show
+that the tools testing it notice: a query reaches them only by naming them (their
+exact name, or a class that says ``selftest``); broader queries leave them out
+(`names_selftest`), and the listing says so in its second header line.
 
 Commands (`FaultRegistry.control`) are in the language of `fusefs.faultlang`:
 a query, then the firing policy to set on the sites it matches
@@ -121,6 +126,7 @@ __all__ = [
     "ENV_VAR",
     "FIRE_LOG_SIZE",
     "REGISTRY",
+    "SELFTEST_RULE",
     "FaultRegistry",
     "FaultSite",
     "FaultSiteError",
@@ -129,7 +135,9 @@ __all__ = [
     "alloc_page",
     "alloc_pages",
     "dynamic_fault",
+    "is_selftest_class",
     "memory_fault",
+    "names_selftest",
     "race_fault",
 ]
 
@@ -656,7 +664,10 @@ class FaultRegistry:
             sites = self._sorted_sites()
             armed = sum(site.armed for site in sites)
             fired = sum(site.fired for site in sites)
-            lines = [f"# sites:{len(sites)} armed:{armed} fired:{fired} seed:{self._seed}"]
+            lines = [
+                f"# sites:{len(sites)} armed:{armed} fired:{fired} seed:{self._seed}",
+                f"# {SELFTEST_RULE}: a broader query leaves them out",
+            ]
             lines += [str(site.snapshot()) for site in sites]
             return "\n".join(lines) + "\n"
 
@@ -715,13 +726,22 @@ class FaultRegistry:
 
     # Caller must hold the lock.
     def _select(self, query: Query) -> list[_Site]:
-        matched = [site for site in self._sorted_sites() if query.matches(site.info)]
+        matched = []
+        skipped = 0
+        for site in self._sorted_sites():
+            if not query.matches(site.info):
+                continue
+            if is_selftest_class(site.info.cls) and not names_selftest(query, site.info):
+                skipped += 1
+                continue
+            matched.append(site)
         if query.index is not None:
             first, last = query.index
             matched = matched[first : last + 1]
         if not matched:
             what = f"{query.text!r}" if query.text else "(no sites registered)"
-            raise NotFound(f"dynamic_fault: no site matches {what}")
+            hint = f" ({SELFTEST_RULE})" if skipped else ""
+            raise NotFound(f"dynamic_fault: no site matches {what}{hint}")
         return matched
 
     def reset(self) -> None:
@@ -757,6 +777,26 @@ class FaultRegistry:
         value = (os.environ if environ is None else environ).get(ENV_VAR, "")
         if value.strip():
             self.control(value)
+
+
+SELFTEST_RULE: Final = "self-test sites match only by their name or a ...:selftest class"
+
+
+def is_selftest_class(cls: str) -> bool:
+    """The class of a self-test site (``...:selftest``): one that breaks the
+    filesystem on purpose, to show that the tools testing it notice."""
+    return "selftest" in cls.split(":")
+
+
+def names_selftest(query: Query, site: SiteInfo) -> bool:
+    """Whether ``query`` asks for the self-test site ``site`` itself: by its exact
+    name (no wildcard) or by a class that says ``selftest`` (``class io:selftest``).
+    A broader query -- no term, ``class io``, ``file blockdev.py``, ``name *`` --
+    leaves self-test sites alone, so that it can never crash the daemon or corrupt
+    data silently by accident."""
+    if query.name is not None and query.name == site.name:
+        return True
+    return query.cls is not None and is_selftest_class(query.cls)
 
 
 async def _hold_window(site: _Site) -> None:

@@ -13,6 +13,18 @@ and commits a last time.
 Errors: a failed commit leaves the last durable state on disk and turns the
 filesystem read-only (like ext4's errors=remount-ro): every later change gets
 EROFS, reads keep working from memory.
+
+Set-user-ID and set-group-ID bits are cleared as the kernel's own filesystems
+clear them (`Inode.kill_setid`): on a write and on a size change (truncate,
+``O_TRUNC``) by anyone but root -- uid 0 stands for the CAP_FSETID the kernel
+checks, since FUSE hands over only the caller's ids -- and on every change of
+owner or group, by root too.  The kernel does part of it for a FUSE filesystem
+(it adds the cleared mode to a truncate's or a chown's SETATTR unless
+FUSE_CAP_HANDLE_KILLPRIV was negotiated), but nothing for a write to a
+``direct_io`` file, which every fusefs file is, nor for an ``O_TRUNC`` that the
+filesystem does inside OPEN; fusefs does all of it, whatever was negotiated.
+pyfuse3 gives a write no caller, so a file handle remembers the uid that opened
+it (`Handle.uid`) and its writes are judged by that.
 """
 
 from __future__ import annotations
@@ -50,6 +62,8 @@ from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
 from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
 
 log = logging.getLogger(__name__)
+
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 NOW: Any = object()
 """Sentinel for `Filesystem.setattr` times: the current time."""
@@ -135,6 +149,7 @@ class MountOptions:
 class Handle:
     inode: Inode
     flags: int
+    uid: int = 0  # who opened it: writes through it by anyone but root clear set-id bits
     readahead: ReadaheadState = field(default_factory=ReadaheadState)
 
     @property
@@ -389,17 +404,24 @@ class Filesystem:
         atime_ns: Any = None,
         mtime_ns: Any = None,
         fh: int | None = None,
+        caller_uid: int = 0,
     ) -> Attr:
+        """Change what is given; ``caller_uid`` is who asks (see the module's note on
+        set-id bits)."""
         self._check_writable()
         inode = self.ns.get(ino)
         if size is not None:
             await self.truncate(inode, size)
-        if mode is not None:
-            self.ns.chmod(inode, mode)
+            if caller_uid != 0:
+                inode.kill_setid()
         if uid is not None and uid != 0xFFFFFFFF:
             inode.uid = uid
+            inode.kill_setid()
         if gid is not None and gid != 0xFFFFFFFF:
             inode.gid = gid
+            inode.kill_setid()
+        if mode is not None:
+            self.ns.chmod(inode, mode)
         if atime_ns is not None:
             inode.atime_ns = now_ns() if atime_ns is NOW else int(atime_ns)
         if mtime_ns is not None:
@@ -511,9 +533,10 @@ class Filesystem:
         inode.lookups += 1
         inode.open_count += 1
         self.mark_changed()
-        return self._new_fh(Handle(inode, flags)), self.attr(inode)
+        return self._new_fh(Handle(inode, flags, uid)), self.attr(inode)
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, uid: int = 0) -> int:
+        """Open ``ino`` for the process of ``uid`` (see the module's note on set-id bits)."""
         inode = self.ns.get(ino)
         if inode.is_dir:
             raise IsADirectory(f"inode {ino} is a directory")
@@ -522,8 +545,11 @@ class Filesystem:
             self._check_writable()
         if flags & os.O_TRUNC and inode.is_reg:
             await self.truncate(inode, 0)
+            if uid != 0 and inode.kill_setid():
+                inode.touch()
+                self.mark_changed()
         inode.open_count += 1
-        return self._new_fh(Handle(inode, flags))
+        return self._new_fh(Handle(inode, flags, uid))
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._file(fh)
@@ -542,9 +568,15 @@ class Filesystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         self._check_writable()
         handle = self._file(fh)
-        if handle.inode.extents is None:
+        inode = handle.inode
+        if inode.extents is None:
             raise InvalidArgument("write to a file without data")
         direct.check_file_range(offset, len(data), self.block_size)
+        if inode.mode & _SETID and handle.uid != 0 and inode.kill_setid():
+            inode.touch()
+            self.mark_changed()
+            # The kernel's cached mode is stale now (DESIGN §5).
+            self.invalidate_kernel(inode.ino, attr_only=True)
         if handle.direct:
             done = await self._direct_write(handle, offset, data)
         else:

@@ -21,9 +21,12 @@ at any point leaves one complete, consistent state on disk.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
+import stat
 import struct
 import time
 import uuid
@@ -31,7 +34,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from fusefs.errors import Corrupt, Exists, InvalidArgument, NotFound
+from fusefs.errors import Corrupt, Exists, InUse, InvalidArgument, NotFound
 
 MAGIC = b"FUSEFS\x00\x01"
 CHECKPOINT_MAGIC = b"FSCKPT\x00\x01"
@@ -200,56 +203,135 @@ def parse_size(text: str) -> int:
     """Parse ``4096``, ``64M``, ``1G``, ``2GiB``, ``512k``: binary multiples."""
     m = _SIZE_RE.match(text)
     if not m:
-        raise InvalidArgument(f"bad size {text!r} (try 64M, 1G, 4096)")
+        raise InvalidArgument(f"bad size {text!r} (bytes, or with a unit: 512K, 64M, 1G, 2GiB)")
     number, unit = int(m.group(1)), m.group(2).lower()
     return number * (1 << (10 * "_kmgtpe".index(unit))) if unit else number
+
+
+def format_size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that divides it: ``256K``, ``1G``, ``1000``."""
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift}{unit}"
+    return str(nbytes)
+
+
+def min_image_size(block_size: int) -> int:
+    """The smallest image mkfs makes with blocks of ``block_size`` bytes."""
+    return MIN_BLOCKS * block_size
 
 
 def mkfs(
     path: str | os.PathLike[str], size: int, block_size: int = 4096, force: bool = False
 ) -> None:
-    """Make a new, empty filesystem in a sparse image file at ``path``."""
+    """Make a new, empty filesystem in a sparse image file at ``path``.
+
+    An existing file is overwritten only when it holds nothing (empty, or zeros
+    only) or with ``force``; never while a fusefs process holds the image's lock
+    (`fusefs.blockdev.BlockDevice` takes it for as long as the image is mounted or
+    checked), which mkfs takes too before it changes a byte.
+    """
     if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise InvalidArgument(
             f"block size must be a power of two in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}"
         )
     blocks = size // block_size
     if blocks < MIN_BLOCKS:
-        raise InvalidArgument(f"size too small: need at least {MIN_BLOCKS * block_size} bytes")
+        least = min_image_size(block_size)
+        raise InvalidArgument(
+            f"size too small: at least {format_size(least)} ({least} bytes, "
+            f"{MIN_BLOCKS} blocks of {block_size})"
+        )
     if blocks > MAX_BLOCKS:
         raise InvalidArgument(f"size too large: at most {MAX_BLOCKS * block_size} bytes")
     path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(len(MAGIC))
-        except OSError as e:
-            raise InvalidArgument(f"{path}: {e.strerror}") from None
-        if head == MAGIC:
-            raise Exists(f"{path} holds a fusefs image; use --force to overwrite it")
-    now = time.time_ns()
-    body = encode_body(empty_state(now, os.getuid(), os.getgid()))
-    body_blocks = -(-len(body) // block_size)
-    header_blk = FIRST_DATA_BLOCK
-    body_start = FIRST_DATA_BLOCK + 1
-    header = CheckpointHeader(1, len(body), crc32(body), ((body_start, body_blocks),))
-    hdr_raw = header.pack(block_size)
-    sb = Superblock(block_size, blocks, 1, header_blk, crc32(hdr_raw), uuid.uuid4().bytes, now)
+    fd = _open_locked(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise InvalidArgument(f"{path}: {e.strerror}") from None
-    try:
+        if not force:
+            _refuse_to_overwrite(fd, path)
+        now = time.time_ns()
+        body = encode_body(empty_state(now, os.getuid(), os.getgid()))
+        body_blocks = -(-len(body) // block_size)
+        header_blk = FIRST_DATA_BLOCK
+        body_start = FIRST_DATA_BLOCK + 1
+        header = CheckpointHeader(1, len(body), crc32(body), ((body_start, body_blocks),))
+        hdr_raw = header.pack(block_size)
+        sb = Superblock(block_size, blocks, 1, header_blk, crc32(hdr_raw), uuid.uuid4().bytes, now)
+        os.ftruncate(fd, 0)
         os.ftruncate(fd, blocks * block_size)
         os.pwrite(fd, hdr_raw, header_blk * block_size)
         os.pwrite(fd, body.ljust(body_blocks * block_size, b"\0"), body_start * block_size)
         os.fsync(fd)
-        # Only copy A is valid at first; B is written by the first commit.
-        os.pwrite(fd, sb.pack(block_size), 0)
-        os.pwrite(fd, b"\0" * block_size, block_size)
+        # Both copies hold the first state: the first commit overwrites one of
+        # them (the one its sequence number picks), and the other must survive
+        # that write being torn.
+        for blk in SUPERBLOCK_BLOCKS:
+            os.pwrite(fd, sb.pack(block_size), blk * block_size)
         os.fsync(fd)
+    except OSError as e:
+        raise InvalidArgument(f"{path}: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _open_locked(path: str) -> int:
+    """``path`` opened for writing (created if missing), with the image's lock
+    held exclusively: a mounted image makes this fail with `InUse`."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise InvalidArgument(f"{path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InUse(f"{path} is in use by a fusefs process (mounted?); unmount it first") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"{path}: not a regular file")
+    return fd
+
+
+def _refuse_to_overwrite(fd: int, path: str) -> None:
+    """Raise `Exists` if the file at ``fd`` holds a fusefs image or any data."""
+    head = os.pread(fd, 2 * MAX_BLOCK_SIZE, 0)
+    if _holds_superblock(head):
+        raise Exists(f"{path} holds a fusefs image; use --force to overwrite it")
+    size = os.fstat(fd).st_size
+    if _holds_data(fd, size):
+        raise Exists(
+            f"{path} holds {size} bytes of data that is not a fusefs image; "
+            f"use --force to overwrite it"
+        )
+
+
+def _holds_superblock(head: bytes) -> bool:
+    return any(head[offset : offset + len(MAGIC)] == MAGIC for offset in _SUPERBLOCK_OFFSETS)
+
+
+def _holds_data(fd: int, size: int) -> bool:
+    """Whether any byte of the file is not zero (holes are skipped unread)."""
+    offset = 0
+    while offset < size:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, offset, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past offset
+                return False
+            raise
+        while offset < end:
+            chunk = os.pread(fd, min(end - offset, 1 << 20), offset)
+            if not chunk:
+                return False
+            if chunk.count(0) != len(chunk):
+                return True
+            offset += len(chunk)
+    return False
+
+
+# Copy A sits at offset 0; copy B at one block, which depends on the block size.
+_SUPERBLOCK_OFFSETS = (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 def probe_block_size(path: str | os.PathLike[str]) -> int:
@@ -264,8 +346,7 @@ def probe_block_size(path: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise Corrupt(f"{os.fspath(path)}: {e.strerror}") from None
     reasons = []
-    # Copy A sits at offset 0; copy B at one block, which depends on the size.
-    for offset in (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+    for offset in _SUPERBLOCK_OFFSETS:
         try:
             sb = Superblock.unpack(head[offset : offset + 256])
         except Corrupt as e:

@@ -2,9 +2,10 @@
 
 Checks, in order:
 
-1. both superblock copies (a blank or stale copy B is fine; a corrupt one is
-   reported and rewritten by the next commit), the checkpoint header and body
-   checksums;
+1. both superblock copies (a stale one is fine, and so is a blank copy B of an
+   image made before mkfs wrote both; a damaged one is an error, which --repair
+   fixes by writing the current superblock over it), the checkpoint header and
+   body checksums;
 2. the inode table decodes, the root is a directory, every extent lies inside
    the data area, no block is mapped twice (by two files, or by a file and the
    checkpoint itself);
@@ -18,6 +19,8 @@ Checks, in order:
 
 Exit codes as e2fsck: 0 clean, 1 errors corrected, 4 errors left uncorrected,
 8 operational error (unreadable image, corrupt superblock or checkpoint).
+`FsckResult` keeps the errors (what the command line prints on stderr) apart
+from the report (notes and the summary line, on stdout).
 Repair fixes counts, drops dangling entries and double mappings (the later
 owner loses the blocks), reconnects unreachable inodes under ``/lost+found``,
 reclaims orphans, and writes the result as a new checkpoint with a normal
@@ -58,81 +61,131 @@ EXIT_OPERATIONAL = 8
 @dataclass
 class FsckResult:
     exit_code: int
-    messages: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one line each, for stderr
+    report: list[str] = field(default_factory=list)  # notes, then the summary line
+
+    @property
+    def messages(self) -> list[str]:
+        """Every line: the errors, then the report (its last line is the summary)."""
+        return [*self.errors, *self.report]
 
 
 @dataclass
 class _Check:
     repair: bool
-    messages: list[str] = field(default_factory=list)
-    errors: int = 0
+    errors: list[str] = field(default_factory=list)
+    report: list[str] = field(default_factory=list)
     fixed: int = 0
-    notes: int = 0
 
     def error(self, msg: str, *, fixable: bool = True) -> None:
-        self.errors += 1
         if self.repair and fixable:
             self.fixed += 1
-            self.messages.append(f"{msg} (fixed)")
+            self.errors.append(f"{msg} (fixed)")
         else:
-            self.messages.append(msg)
+            self.errors.append(msg)
 
     def note(self, msg: str) -> None:
-        self.notes += 1
-        self.messages.append(msg)
+        self.report.append(msg)
+
+    def result(self, exit_code: int) -> FsckResult:
+        return FsckResult(exit_code, self.errors, self.report)
+
+
+def _about(path: str, e: Exception) -> str:
+    """``path: reason``, the path once (the block device's errors name it already)."""
+    reason = str(e).removeprefix(f"{path}: ")
+    return f"{path}: {reason}"
 
 
 def fsck(path: str | os.PathLike[str], repair: bool = False) -> FsckResult:
     """Check (and with ``repair`` fix) the image at ``path``."""
+    path = os.fspath(path)
     try:
         bs = probe_block_size(path)
         dev = BlockDevice(path, bs, read_only=not repair)
     except (FsError, OSError) as e:
-        return FsckResult(EXIT_OPERATIONAL, [f"cannot open {os.fspath(path)}: {e}"])
+        return FsckResult(EXIT_OPERATIONAL, [_about(path, e)])
     try:
         try:
             loaded = load_checkpoint(dev)
         except FsError as e:
-            return FsckResult(EXIT_OPERATIONAL, [f"checkpoint unreadable: {e}"])
+            return FsckResult(EXIT_OPERATIONAL, [f"{path}: checkpoint unreadable: {e}"])
         check = _Check(repair)
-        _check_superblocks(dev, loaded, check)
+        damaged = _check_superblocks(dev, loaded, check)
         inodes = _check_inodes(loaded, check)
         if inodes is None:
-            return FsckResult(EXIT_UNCORRECTED, check.messages)
+            return check.result(EXIT_UNCORRECTED)
         changed = _check_blocks(loaded, inodes, check)
         changed |= _check_tree(inodes, check)
-        if repair and changed:
+        if repair:
             try:
-                trio.run(_write_repaired, dev, loaded, inodes)
+                # The damaged copies first: then a repair commit, which overwrites
+                # one copy, always leaves the other one valid.
+                _rewrite_superblocks(dev, loaded, damaged)
+                if changed:
+                    trio.run(_write_repaired, dev, loaded, inodes)
             except FsError as e:
-                check.messages.append(f"repair failed to commit: {e}")
-                return FsckResult(EXIT_UNCORRECTED, check.messages)
-        if check.errors == 0:
+                check.errors.append(f"repair failed to commit: {e}")
+                return check.result(EXIT_UNCORRECTED)
+        errors = len(check.errors)
+        if errors == 0:
             code = EXIT_CORRECTED if (repair and changed) else EXIT_CLEAN
-        elif repair and check.fixed == check.errors:
+        elif repair and check.fixed == errors:
             code = EXIT_CORRECTED
         else:
             code = EXIT_UNCORRECTED
+        notes = len(check.report)
         summary = (
-            f"{len(inodes)} inodes, {check.errors} errors"
+            f"{len(inodes)} inodes, {errors} errors"
             + (f", {check.fixed} fixed" if repair else "")
-            + (f", {check.notes} notes" if check.notes else "")
+            + (f", {notes} notes" if notes else "")
         )
-        check.messages.append(summary)
-        return FsckResult(code, check.messages)
+        check.report.append(summary)
+        return check.result(code)
     finally:
         dev.close()
 
 
-def _check_superblocks(dev: BlockDevice, loaded: Loaded, check: _Check) -> None:
-    for blk in SUPERBLOCK_BLOCKS:
+_COPY_NAMES = "AB"
+
+
+def _check_superblocks(dev: BlockDevice, loaded: Loaded, check: _Check) -> list[int]:
+    """The blocks of damaged superblock copies (the current one is valid: it was
+    just loaded)."""
+    damaged = []
+    for copy, blk in zip(_COPY_NAMES, SUPERBLOCK_BLOCKS, strict=True):
         raw = dev.read_sync(blk, 1)
-        if not any(raw):
-            continue  # never written yet
+        if blk != SUPERBLOCK_BLOCKS[0] and not any(raw):
+            continue  # an image made before mkfs wrote both copies
         try:
-            Superblock.unpack(raw)
+            sb = Superblock.unpack(raw)
         except FsError as e:
-            check.note(f"superblock copy {blk}: {e}; the next commit rewrites it")
+            reason = str(e)
+        else:
+            current = loaded.superblock
+            if (sb.block_size, sb.device_blocks, sb.uuid) == (
+                current.block_size,
+                current.device_blocks,
+                current.uuid,
+            ):
+                continue
+            reason = "belongs to another filesystem (its size or uuid differs)"
+        damaged.append(blk)
+        check.error(
+            f"superblock copy {copy} (block {blk}) is damaged: {reason}; "
+            f"the image still mounts from the other copy"
+        )
+    return damaged
+
+
+def _rewrite_superblocks(dev: BlockDevice, loaded: Loaded, damaged: list[int]) -> None:
+    """Write the current superblock over each damaged copy, then flush."""
+    if not damaged:
+        return
+    raw = loaded.superblock.pack(dev.block_size)
+    for blk in damaged:
+        dev.write_sync(blk, raw)
+    dev.flush_sync()
 
 
 def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:

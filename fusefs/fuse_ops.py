@@ -241,6 +241,7 @@ class FuseOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh,
+            caller_uid=ctx.uid,
         )
         return entry_attributes(new)
 
@@ -312,7 +313,7 @@ class FuseOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.control.owns(inode):
             return _file_info(self.control.open(inode, flags))
-        return _file_info(await self.fs.open(inode, flags))
+        return _file_info(await self.fs.open(inode, flags, ctx.uid))
 
     @errno_boundary
     async def create(

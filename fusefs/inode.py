@@ -71,6 +71,20 @@ class Inode:
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
 
+    def kill_setid(self) -> bool:
+        """Clear S_ISUID, and S_ISGID where group-execute makes it a real set-group-ID
+        (without it the bit is a locking mark, left alone) -- the kernel's
+        ``should_remove_suid``, on a regular file only.  True if a bit was cleared;
+        the caller touches ctime and commits."""
+        mode = self.mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if not kill or not stat.S_ISREG(mode):
+            return False
+        self.mode = mode & ~kill
+        return True
+
     def touch(self, *, m: bool = False, c: bool = True, a: bool = False) -> None:
         t = now_ns()
         if m:

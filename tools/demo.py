@@ -2,7 +2,10 @@
 
 Run by ``scripts/demo``.  Every step goes through the real command-line entry
 points and real syscalls on the mounted filesystem; any mismatch stops the run
-with a non-zero exit.
+with a non-zero exit.  The image and its mount live in a temporary directory,
+removed at the end; what is worth reading afterwards -- fsx's logs of the
+lock-off failure, the campaign's matrix and reproducers -- goes to a directory
+that is kept (``--logs``), and only paths in it are printed.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-from fusefs.demo import race_table
+from fusefs.demo import demo_console, race_table
 from tools.fault_campaign import run_demo as run_campaign_demo
 from tools.fsx import demo as fsx_demo
 
-console = Console()
+console = demo_console()
 
 
 def fusefs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -249,7 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="512M", help="image size (default 512M)")
     parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument(
+        "--logs", metavar="DIR", help="where the logs and reports go (default: a new /tmp dir)"
+    )
     args = parser.parse_args(argv)
+    logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="fusefs-demo-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def say(line: str) -> None:
+        style = "yellow" if "expected" in line else "cyan"
+        console.print(f"[{style}]demo: {line}[/{style}]", highlight=False)
 
     results: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory(prefix="fusefs-demo-") as tmp:
@@ -257,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
         console.rule("fusefs demo")
-        timed(
-            "mkfs",
-            results,
-            lambda: fusefs("mkfs", str(image), "--size", args.size).stdout.strip() or "ok",
-        )
+
+        def mkfs() -> str:
+            # The image goes with the temporary directory: its path is not worth printing.
+            made = fusefs("mkfs", str(image), "--size", args.size).stdout.strip()
+            return made.rpartition(": ")[2]
+
+        timed("mkfs", results, mkfs)
         timed(
             "mount", results, lambda: fusefs("mount", str(image), str(mnt)).stdout.strip() or "ok"
         )
@@ -281,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             timed("concurrent readers/O_DIRECT/fallocate", results, lambda: concurrent_mix(mnt))
             console.rule("fusefs-fsx: stress, then seed 7 with the lock off and on")
-            fsx_log = Path(tmp) / "fsx-logs"
-            fsx_log.mkdir()
+            fsx_log = logs / "fsx"
+            fsx_log.mkdir(exist_ok=True)
             start = time.perf_counter()
-            fsx_ok = fsx_demo(str(mnt), str(fsx_log))
+            fsx_ok = fsx_demo(str(mnt), str(fsx_log), say=say)
             results.append(
                 (
                     "fsx: 2000 ops (buffered+O_DIRECT+every fallocate); lock off fails, on passes",
@@ -324,16 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     console.rule("fault campaign over the io class, and 20 power cuts")
-    with tempfile.TemporaryDirectory(prefix="fusefs-campaign-") as out:
-        start = time.perf_counter()
-        campaign_rc = run_campaign_demo(out)
-        results.append(
-            (
-                "campaign: io sites x oneshot, 20 power cuts",
-                "every run clean or not reached" if campaign_rc == 0 else "FAILURES (see above)",
-                time.perf_counter() - start,
-            )
+    start = time.perf_counter()
+    campaign_rc = run_campaign_demo(logs / "campaign")
+    results.append(
+        (
+            "campaign: io sites x oneshot, 20 power cuts",
+            "every run clean or not reached" if campaign_rc == 0 else "FAILURES (see above)",
+            time.perf_counter() - start,
         )
+    )
 
     table = Table(title="fusefs demo summary")
     table.add_column("step")
@@ -342,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, outcome, secs in results:
         table.add_row(label, outcome, f"{secs:.2f}")
     console.print(table)
+    console.print(
+        f"kept in {logs}: fsx/ (the logs and minimized op list of the expected lock-off "
+        "failure), campaign/ (the matrix and its reproducers)",
+        highlight=False,
+    )
     failed = (
         not races_ok
         or not fsx_ok

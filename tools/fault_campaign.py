@@ -45,6 +45,7 @@ from typing import Any, Final
 
 from rich.console import Console
 
+from fusefs.demo import demo_console
 from tools.campaign_mount import Image, SiteInfo, kill_all, parse_listing
 from tools.campaign_report import render_markdown, summary_lines
 from tools.campaign_run import (
@@ -135,9 +136,10 @@ class Campaign:
 # sites:
 
 
-def list_sites(cfg: RunConfig) -> list[SiteInfo]:
-    """The sites as a freshly mounted filesystem lists them."""
-    with tempfile.TemporaryDirectory(prefix="sites-", dir=cfg.out) as tmp:
+def list_sites(cfg: RunConfig, where: Path | None) -> list[SiteInfo]:
+    """The sites as a freshly mounted filesystem lists them (its image and mount
+    point in a temporary directory under ``where``, or the system's)."""
+    with tempfile.TemporaryDirectory(prefix="fusefs-sites-", dir=where) as tmp:
         image = Image(Path(tmp), "16M", timeout=cfg.timeout)
         image.mkfs()
         mounted = image.mount()
@@ -253,7 +255,8 @@ class Progress:
 
 def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.list:  # --list writes nothing: no report directory
+        out.mkdir(parents=True, exist_ok=True)
     workloads = tuple(w for item in args.workload for w in item.split(",") if w)
     cfg = RunConfig(
         out=out,
@@ -280,7 +283,7 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
         args.cls or args.module or args.name
     )
     if want_sites or args.list:
-        campaign.all_sites = list_sites(cfg)
+        campaign.all_sites = list_sites(cfg, None if args.list else out)
         campaign.sites = select_sites(campaign.all_sites, args)
         if args.list:
             return campaign
@@ -509,7 +512,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     campaign = run_campaign(args, console)
@@ -521,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:32} {s.cls:16} {s.module} ({s.file}:{s.line})")
         return 0
     json_path, md_path = write_reports(campaign, out)
-    stdout = Console(highlight=False)
+    stdout = demo_console(highlight=False)
     for line in summary_lines(campaign.to_json()):
         stdout.print(line)
     stdout.print(f"reports: {md_path} {json_path}")

@@ -86,15 +86,26 @@ def race_demo_argv(file: str, lock: str, log_dir: str) -> list[str]:
     return [*RACE_DEMO_ARGS, "--pagecache-lock", lock, "-P", log_dir, file]
 
 
-def demo(mountpoint: str, log_dir: str, *, minimize: bool = True) -> bool:
+def demo(
+    mountpoint: str,
+    log_dir: str,
+    *,
+    minimize: bool = True,
+    say: Callable[[str], None] = lambda line: None,
+) -> bool:
     """fsx's part of ``scripts/demo`` on a mounted fusefs: the stress run, then
     seed 7 with the lock off (must fail; minimized) and on (must pass).  True
-    when all three came out so."""
+    when all three came out so.  ``say`` gets a line before each run and after
+    the lock-off one, so that its failure report reads as the expected result."""
     stress = os.path.join(mountpoint, "fsx-stress")
     race = os.path.join(mountpoint, "fsx-race")
+    say("stress: 2000 ops, buffered and O_DIRECT, every fallocate mode; must pass")
     passed = run([*DEMO_STRESS_ARGS, "-P", log_dir, stress]) == EXIT_OK
     extra = ["--minimize"] if minimize else []
+    say("seed 7 with the pagecache add lock OFF: must fail -- the report below is expected")
     failed_off = run([*race_demo_argv(race, "off", log_dir), *extra]) == EXIT_FAILED
+    say("the lock-off run failed, as expected" if failed_off else "the lock-off run PASSED")
+    say("the same seed with the lock ON: must pass")
     passed_on = run(race_demo_argv(race, "on", log_dir)) == EXIT_OK
     return passed and failed_off and passed_on
 

@@ -141,6 +141,23 @@ def site_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 
 @pytest.mark.mount
+def test_list_leaves_nothing_behind(tmp_path: Path, site_names: set[str]) -> None:
+    done = subprocess.run(
+        [*CAMPAIGN, "--list", "--class", "io"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0] for line in done.stdout.splitlines()}
+    assert "blockdev_write" in listed
+    assert listed <= site_names
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.mount
 def test_short_campaign_matrix(tmp_path: Path, site_names: set[str]) -> None:
     names = ["blockdev_write", "blockdev_corrupt_write", "direct_read_buffer"]
     args = [a for n in names for a in ("--name", n)]

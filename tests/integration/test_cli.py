@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -43,6 +44,147 @@ def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     done = fusefs("mkfs", image, "--size", "32M", "--force")
     assert done.returncode == 0, done.stderr
     assert image.stat().st_size == 32 << 20
+
+
+@pytest.mark.mount
+def test_mkfs_refuses_a_mounted_image(mnt: FuseMount) -> None:
+    (Path(mnt.mountpoint) / "kept").write_bytes(b"still here")
+    before = mnt.image.read_bytes()[:8192]
+    for path in (mnt.image, Path(os.path.relpath(mnt.image))):
+        done = fusefs("mkfs", path, "--size", "32M", "--force")
+        assert_one_line_error(done, "mkfs")
+        assert "mounted on" in done.stderr
+    assert mnt.image.read_bytes()[:8192] == before
+    assert (Path(mnt.mountpoint) / "kept").read_bytes() == b"still here"
+
+
+@pytest.mark.mount
+def test_mkfs_takes_the_image_lock_the_daemon_holds(mnt: FuseMount, tmp_path: Path) -> None:
+    """A path mountinfo does not know (a symlink) still meets the daemon's lock."""
+    link = tmp_path / "link.img"
+    link.symlink_to(mnt.image)
+    size = mnt.image.stat().st_size
+    done = fusefs("mkfs", link, "--size", "32M", "--force")
+    assert_one_line_error(done, "mkfs")
+    assert "in use by a fusefs process" in done.stderr
+    assert mnt.image.stat().st_size == size
+    mnt.remount()  # the image is intact
+
+
+def test_mkfs_refuses_a_file_that_holds_other_data(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"a" * 1234)
+    done = fusefs("mkfs", notes, "--size", "1M")
+    assert_one_line_error(done, "mkfs")
+    assert "holds 1234 bytes of data that is not a fusefs image" in done.stderr
+    assert "--force" in done.stderr
+    assert notes.read_bytes() == b"a" * 1234
+    # Empty files, and files of zeros (sparse or not), hold nothing to lose.
+    for name, content in (("empty", b""), ("zeros", bytes(1 << 20))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        done = fusefs("mkfs", path, "--size", "1M")
+        assert done.returncode == 0, done.stderr
+    sparse = tmp_path / "sparse"
+    sparse.touch()
+    os.truncate(sparse, 1 << 30)
+    done = fusefs("mkfs", sparse, "--size", "1M")
+    assert done.returncode == 0, done.stderr
+    done = fusefs("mkfs", notes, "--size", "1M", "--force")
+    assert done.returncode == 0, done.stderr
+    assert fusefs("fsck", notes).returncode == 0
+
+
+def test_mkfs_size_help_and_errors_suggest_sizes_that_work(tmp_path: Path) -> None:
+    help_text = " ".join(fusefs("mkfs", "--help").stdout.split())
+    m = re.search(
+        r"--size SIZE image size, at least 64 blocks \((\w+) with [^)]*\): ([\w, ]+)", help_text
+    )
+    assert m, help_text
+    suggested = [m[1], *m[2].split(", ")]
+    done = fusefs("mkfs", tmp_path / "x.img", "--size", "lots")
+    assert_one_line_error(done, "mkfs")
+    m = re.search(r"unit: ([\w, ]+)\)", done.stderr)
+    assert m, done.stderr
+    suggested += m[1].split(", ")
+    for bad in ("4096", "4K", "255K"):
+        done = fusefs("mkfs", tmp_path / "x.img", "--size", bad)
+        assert_one_line_error(done, "mkfs")
+        m = re.search(r"too small: at least (\w+) ", done.stderr)
+        assert m, done.stderr
+        suggested.append(m[1])
+    assert "256K" in suggested
+    assert "4096" not in suggested
+    for i, size in enumerate(sorted(set(suggested))):
+        done = fusefs("mkfs", tmp_path / f"s{i}.img", "--size", size)
+        assert done.returncode == 0, f"--size {size}: {done.stderr}"
+
+
+def test_fsck_errors_go_to_stderr_once(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.img"
+    done = fusefs("fsck", missing)
+    assert done.returncode == 8
+    assert done.stdout == ""
+    assert done.stderr == f"fusefs fsck: {missing}: no such image file\n"
+
+
+def test_fsck_reports_and_repairs_a_damaged_superblock_copy(tmp_path: Path) -> None:
+    image = tmp_path / "fs.img"
+    mkfs(image)
+    for copy, block in (("B", 1), ("A", 0)):
+        with open(image, "r+b") as f:
+            f.seek(block * 4096 + 16)
+            f.write(b"\xde\xad")  # inside the checksummed fields
+        done = fusefs("fsck", image)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert done.stderr == (
+            f"fusefs fsck: superblock copy {copy} (block {block}) is damaged: superblock "
+            "checksum mismatch; the image still mounts from the other copy\n"
+        )
+        assert done.stdout == "1 inodes, 1 errors\n"
+        done = fusefs("fsck", image, "--repair")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.endswith("(fixed)\n")
+        done = fusefs("fsck", image)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stderr == ""
+
+
+@pytest.mark.mount
+def test_fault_command_errors_say_why_and_where_the_log_is(mnt: FuseMount) -> None:
+    cases = [
+        (("name", "blockdev_write", "explode"), "unknown keyword 'explode'", "EINVAL"),
+        (("name", "nosuch_site", "enable"), "no site matches 'name nosuch_site'", "ENOENT"),
+        (("file", "fuse_ops.py", "enable"), "self-test sites match only by", "ENOENT"),
+    ]
+    for words, reason, name in cases:
+        done = fusefs("fault", mnt.mountpoint, *words)
+        assert_one_line_error(done, "fault")
+        assert reason in done.stderr
+        assert f"({name}; daemon log: {mnt.log})" in done.stderr
+    mnt.allow_log_errors = True
+    done = fusefs("fault", mnt.mountpoint, "name", "blockdev_write", "oneshot")
+    assert done.returncode == 0, done.stderr
+    assert "name:blockdev_write oneshot " in control_read(mnt.mountpoint, "dynamic_fault")
+    control_write(mnt.mountpoint, "dynamic_fault", "reset")
+
+
+@pytest.mark.mount
+def test_broad_fault_queries_do_not_arm_selftest_sites(mnt: FuseMount) -> None:
+    for query in ("", "class io", "class error", "file blockdev.py", "name *"):
+        control_write(mnt.mountpoint, "dynamic_fault", f"{query} probability 0")
+        text = control_read(mnt.mountpoint, "dynamic_fault")
+        listing = [ln for ln in text.splitlines() if not ln.startswith("#")]
+        armed = {ln.split(" name:")[1].split()[0] for ln in listing if "probability=0" in ln}
+        assert armed, query
+        selftest = {ln.split(" name:")[1].split()[0] for ln in listing if ":selftest " in ln}
+        assert {"daemon_crash", "blockdev_corrupt_write"} <= selftest
+        assert not armed & selftest, query
+        control_write(mnt.mountpoint, "dynamic_fault", "reset")
+    control_write(mnt.mountpoint, "dynamic_fault", "class error:selftest probability 0")
+    text = control_read(mnt.mountpoint, "dynamic_fault")
+    assert "name:daemon_crash probability=0 " in text
+    control_write(mnt.mountpoint, "dynamic_fault", "reset")
 
 
 @pytest.mark.parametrize(
@@ -186,7 +328,7 @@ def test_fsck_exit_codes_damaged(tmp_path: Path) -> None:
     trio.run(_damage_link_count, image)
     done = fusefs("fsck", image)
     assert done.returncode == 4, done.stdout + done.stderr
-    assert "link count" in done.stdout
+    assert "link count" in done.stderr
     done = fusefs("fsck", image, "--repair")
     assert done.returncode == 1, done.stdout + done.stderr
     assert fusefs("fsck", image).returncode == 0

@@ -9,8 +9,9 @@ import mmap
 import os
 import signal
 import stat
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,11 @@ def test_shared_mmap_refused_private_works(work: str) -> None:
     path = os.path.join(work, "m")
     write_file(path, b"x" * 4096)
     with open(path, "r+b") as f:
-        # DESIGN §2: the kernel refuses shared mappings of direct_io files.
+        # DESIGN §2: the kernel refuses shared mappings of direct_io files, read-only
+        # ones too (README says so).
         assert errno_of(mmap.mmap, f.fileno(), 4096, mmap.MAP_SHARED) == errno.ENODEV
+        ro = mmap.PROT_READ
+        assert errno_of(mmap.mmap, f.fileno(), 4096, mmap.MAP_SHARED, ro) == errno.ENODEV
         with mmap.mmap(f.fileno(), 4096, flags=mmap.MAP_PRIVATE) as m:
             assert m[:4] == b"xxxx"
 
@@ -261,6 +265,97 @@ def test_chmod_chown_utime_ns(work: str) -> None:
     assert st.st_ctime_ns >= before - 1_000_000_000
 
 
+# set-user-ID and set-group-ID bits:
+
+NOBODY = 65534
+# mode before -> mode after a write, a truncate or a chown (Linux's rules: S_ISUID always
+# goes, S_ISGID only with group-execute, which makes it more than a locking mark).
+SETID_CASES = {0o4777: 0o777, 0o2777: 0o777, 0o6777: 0o777, 0o6767: 0o2767, 0o777: 0o777}
+
+
+def as_nobody(cwd: str, *argv: str) -> None:
+    """Run ``argv`` as uid/gid 65534 in ``cwd`` (entered before the ids change: the
+    test's temporary directories are closed to others)."""
+    subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def allow_other(tmp_path: Path, image: Path) -> Iterator[FuseMount]:
+    (tmp_path / "mnt").mkdir()
+    m = FuseMount(image, tmp_path / "mnt")
+    try:
+        m.mount("-o", "allow_other")
+        yield m
+    finally:
+        m.teardown()
+
+
+def _setid_files(root: str, prefix: str) -> dict[str, int]:
+    names = {}
+    for mode in SETID_CASES:
+        name = f"{prefix}{mode:o}"
+        write_file(os.path.join(root, name), b"0123456789")
+        os.chmod(os.path.join(root, name), mode)
+        assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == mode
+        names[name] = mode
+    return names
+
+
+def _modes_after(root: str, names: dict[str, int]) -> dict[str, tuple[str, str]]:
+    """name -> (mode now, mode expected), in octal, for the names that differ."""
+    out = {}
+    for name, before in names.items():
+        now = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+        if now != SETID_CASES[before]:
+            out[name] = (f"{now:o}", f"{SETID_CASES[before]:o}")
+    return out
+
+
+def test_unprivileged_write_and_truncate_clear_setid_bits(allow_other: FuseMount) -> None:
+    root = str(allow_other.mountpoint)
+    written = _setid_files(root, "w")
+    truncated = _setid_files(root, "t")
+    trunc_open = _setid_files(root, "o")
+    for name in written:
+        as_nobody(root, "sh", "-c", f'printf x >> "{name}"')
+        assert read_file(os.path.join(root, name)) == b"0123456789x"
+    for name in truncated:
+        as_nobody(root, "truncate", "-s", "4", name)
+        assert read_file(os.path.join(root, name)) == b"0123"
+    for name in trunc_open:
+        as_nobody(root, "sh", "-c", f': > "{name}"')
+        assert read_file(os.path.join(root, name)) == b""
+    assert _modes_after(root, written) == {}
+    assert _modes_after(root, truncated) == {}
+    assert _modes_after(root, trunc_open) == {}
+    # What was cleared is what the image holds.
+    allow_other.remount("-o", "allow_other")
+    assert _modes_after(root, {**written, **truncated, **trunc_open}) == {}
+
+
+def test_root_writes_keep_setid_bits_and_chown_clears_them(allow_other: FuseMount) -> None:
+    root = str(allow_other.mountpoint)
+    kept = _setid_files(root, "r")
+    for name, mode in kept.items():
+        path = os.path.join(root, name)
+        with open(path, "ab") as f:
+            f.write(b"x")
+        os.truncate(path, 3)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode  # root holds CAP_FSETID
+    for who in ("uid", "gid"):
+        names = _setid_files(root, who)
+        for name in names:
+            path = os.path.join(root, name)
+            os.chown(path, NOBODY if who == "uid" else -1, NOBODY if who == "gid" else -1)
+        assert _modes_after(root, names) == {}
+
+
 def test_statfs(work: str) -> None:
     sv = os.statvfs(work)
     assert sv.f_bsize == 4096
@@ -297,6 +392,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
         "drop_caches",
         "dynamic_fault",
         "fallocate",
+        "log_path",
         "pagecache_lock",
         "pid",
         "stats",
@@ -312,6 +408,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
         "drop_caches": 0o200,
         "cache_size": 0o600,
         "pagecache_lock": 0o600,
+        "log_path": 0o400,
     }
     listing = read_file(os.path.join(control, "dynamic_fault")).decode()
     assert listing.startswith("# sites:")
@@ -320,6 +417,7 @@ def test_control_directory(shared_mount: FuseMount) -> None:
     assert "inodes: " in stats
     pid = int(read_file(os.path.join(control, "pid")))
     assert os.path.exists(f"/proc/{pid}")
+    assert read_file(os.path.join(control, "log_path")).decode() == f"{shared_mount.log}\n"
     assert_errno(errno.EPERM, os.mkdir, os.path.join(control, "x"))
     assert_errno(errno.EPERM, os.rmdir, control)
     assert_errno(errno.EACCES, os.open, os.path.join(control, "stats"), os.O_WRONLY)

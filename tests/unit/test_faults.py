@@ -427,6 +427,80 @@ def test_reset_clears_every_site(reg: FaultRegistry) -> None:
 
 
 # ---------------------------------------------------------------------------
+# self-test sites:
+
+SELFTEST_SITES = [
+    ("bd_corrupt", "io:selftest", "fusefs/blockdev.py", 22, "fusefs.blockdev", "BlockDevice.write"),
+    ("crash", "error:selftest", "fusefs/fuse_ops.py", 5, "fusefs.fuse_ops", "Ops.write"),
+]
+
+
+@pytest.fixture
+def reg_selftest(reg: FaultRegistry) -> FaultRegistry:
+    for name, cls, file, line, module, func in SELFTEST_SITES:
+        reg.register_site(name, cls, file=file, line=line, module=module, func=func)
+    return reg
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "enable",
+        "oneshot",
+        "class io enable",
+        "class error probability 1",
+        "file blockdev.py enable",
+        "module blockdev frequency 2",
+        "func write enable",
+        "name * enable",
+        "name bd_* enable",
+        "index 0-100 enable",
+    ],
+)
+def test_broad_queries_leave_selftest_sites_alone(
+    reg_selftest: FaultRegistry, command: str
+) -> None:
+    reg_selftest.control(command)
+    assert armed(reg_selftest)
+    assert not armed(reg_selftest) & {"bd_corrupt", "crash"}
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("name bd_corrupt oneshot", {"bd_corrupt"}),
+        ("name crash enable", {"crash"}),
+        ("class io:selftest enable", {"bd_corrupt"}),
+        ("class error:selftest enable", {"crash"}),
+        ("file blockdev.py name bd_corrupt enable", {"bd_corrupt"}),
+    ],
+)
+def test_selftest_sites_armed_when_named(
+    reg_selftest: FaultRegistry, command: str, expected: set[str]
+) -> None:
+    reg_selftest.control(command)
+    assert armed(reg_selftest) == expected
+
+
+def test_a_query_that_only_reaches_selftest_sites_says_why(reg_selftest: FaultRegistry) -> None:
+    with pytest.raises(NotFound, match="self-test sites match only by their name"):
+        reg_selftest.control("file fuse_ops.py enable")
+    assert armed(reg_selftest) == set()
+
+
+def test_index_counts_past_selftest_sites(reg_selftest: FaultRegistry) -> None:
+    # bd_corrupt sits between bd_write (line 20) and bd_flush (30) in the listing.
+    reg_selftest.control("file blockdev.py index 2 enable")
+    assert armed(reg_selftest) == {"bd_flush"}
+    reg_selftest.control("file blockdev.py index 2 disable")
+    assert armed(reg_selftest) == set()
+
+
+def test_the_real_selftest_sites_are_classed_selftest() -> None:
+    selftest = {site.name for site in REGISTRY.sites() if faults.is_selftest_class(site.cls)}
+    assert {"daemon_crash", "blockdev_corrupt_write", "commit_skip_checkpoint_flush"} <= selftest
+
+
 # listing, fire log, statistics:
 
 LISTING_LINE = re.compile(
@@ -439,8 +513,9 @@ def test_listing_format(reg: FaultRegistry) -> None:
     reg.control("seed 17; name bd_write frequency 3 times 2; name br_window oneshot delay 2.5")
     for _ in range(4):
         reg.dynamic_fault("bd_write")
-    header, *lines = reg.listing().splitlines()
+    header, rule, *lines = reg.listing().splitlines()
     assert header == f"# sites:{len(SITES)} armed:2 fired:1 seed:17"
+    assert rule.startswith("# self-test sites match only by their name")
     assert len(lines) == len(SITES)
     parsed = [LISTING_LINE.fullmatch(line) for line in lines]
     assert all(parsed)

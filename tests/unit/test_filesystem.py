@@ -176,6 +176,76 @@ async def test_setattr_times_mode_owner(fs: Filesystem) -> None:
     assert attr.mtime_ns >= before.mtime_ns
 
 
+# set-id bits: mode before -> after a write, a size change or a chown that clears them.
+SETID = {0o4777: 0o777, 0o2777: 0o777, 0o6777: 0o777, 0o6767: 0o2767, 0o777: 0o777}
+NOBODY = 65534
+
+
+async def setid_file(fs: Filesystem, name: bytes, mode: int) -> int:
+    ino = await make_file(fs, name, b"0123456789")
+    await fs.setattr(ino, mode=mode)
+    assert stat.S_IMODE((await fs.getattr(ino)).mode) == mode
+    return ino
+
+
+async def mode_of(fs: Filesystem, ino: int) -> int:
+    return stat.S_IMODE((await fs.getattr(ino)).mode)
+
+
+@pytest.mark.parametrize(("before", "after"), SETID.items())
+async def test_unprivileged_write_and_truncate_clear_setid(
+    fs: Filesystem, image: Path, before: int, after: int
+) -> None:
+    buffered = await setid_file(fs, b"buffered", before)
+    fh = await fs.open(buffered, os.O_WRONLY, NOBODY)
+    await fs.write(fh, 10, b"x")
+    await fs.release(fh)
+    direct = await setid_file(fs, b"direct", before)
+    fh = await fs.open(direct, os.O_WRONLY | os.O_DIRECT, NOBODY)
+    await fs.write(fh, 0, bytes(fs.block_size))
+    await fs.release(fh)
+    truncated = await setid_file(fs, b"truncated", before)
+    await fs.setattr(truncated, size=4, caller_uid=NOBODY)
+    opened = await setid_file(fs, b"opened", before)
+    fh = await fs.open(opened, os.O_WRONLY | os.O_TRUNC, NOBODY)
+    await fs.release(fh)
+    created = await setid_file(fs, b"created", before)
+    fh = await fs.open(created, os.O_WRONLY, UID)  # the opener counts, as the writer
+    await fs.release(fh)
+    inodes = (buffered, direct, truncated, opened)
+    assert [await mode_of(fs, ino) for ino in inodes] == [after] * 4
+    assert await mode_of(fs, created) == before  # opening alone changes nothing
+    fs = await remount(fs, image)
+    assert [await mode_of(fs, ino) for ino in inodes] == [after] * 4
+    await fs.unmount()
+
+
+@pytest.mark.parametrize(("before", "after"), SETID.items())
+async def test_root_keeps_setid_on_write_and_truncate_not_on_chown(
+    fs: Filesystem, before: int, after: int
+) -> None:
+    ino = await setid_file(fs, b"a", before)
+    fh = await fs.open(ino, os.O_WRONLY | os.O_TRUNC, 0)
+    await fs.write(fh, 0, b"x")
+    await fs.release(fh)
+    await fs.setattr(ino, size=100, caller_uid=0)
+    assert await mode_of(fs, ino) == before
+    await fs.setattr(ino, uid=NOBODY, caller_uid=0)
+    assert await mode_of(fs, ino) == after
+    ino = await setid_file(fs, b"b", before)
+    await fs.setattr(ino, gid=NOBODY, caller_uid=NOBODY)
+    assert await mode_of(fs, ino) == after
+    # A chmod that sets the bits again, after the chown, keeps them.
+    attr = await fs.setattr(ino, gid=NOBODY, mode=before)
+    assert stat.S_IMODE(attr.mode) == before
+
+
+async def test_chown_leaves_directory_setgid_alone(fs: Filesystem) -> None:
+    d = await fs.mkdir(ROOT_INO, b"d", 0o2775, UID, GID)
+    attr = await fs.setattr(d.ino, gid=NOBODY)
+    assert stat.S_IMODE(attr.mode) == 0o2775
+
+
 async def test_xattrs(fs: Filesystem) -> None:
     ino = await make_file(fs, b"a")
     await fs.setxattr(ino, b"user.k", b"v", 0)
@@ -428,6 +498,12 @@ async def test_mount_refuses_corrupt_and_foreign_images(tmp_path: Path, image: P
         await Filesystem.mount(foreign)
     fd = os.open(image, os.O_RDWR)
     os.pwrite(fd, b"\xde\xad\xbe\xef", 40)
+    os.close(fd)
+    fs = await Filesystem.mount(image)  # from copy B: mkfs writes both
+    await fs.unmount()
+    fd = os.open(image, os.O_RDWR)
+    for copy in (0, 1):
+        os.pwrite(fd, b"\xde\xad\xbe\xef", copy * 4096 + 40)
     os.close(fd)
     with pytest.raises(FsError, match="checksum"):
         await Filesystem.mount(image)

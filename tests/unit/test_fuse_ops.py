@@ -282,9 +282,10 @@ async def test_control_directory_is_hidden_but_reachable(
         b"drop_caches",
         b"cache_size",
         b"pagecache_lock",
+        b"log_path",
     ]
     modes = [stat.S_IMODE((await ops.lookup(entry.st_ino, n, CTX)).st_mode) for n in replies.names]
-    assert modes == [0o600, 0o400, 0o400, 0o600, 0o200, 0o600, 0o600]
+    assert modes == [0o600, 0o400, 0o400, 0o600, 0o200, 0o600, 0o600, 0o400]
 
 
 async def read_control(ops: FuseOperations, name: bytes) -> bytes:
@@ -316,6 +317,26 @@ async def test_control_files_read_and_write(ops: FuseOperations) -> None:
     assert b"name:blockdev_write frequency=9 " in await read_control(ops, b"dynamic_fault")
     stats = (await ops.lookup(control, b"stats", CTX)).st_ino
     assert await fuse_errno(ops.open(stats, os.O_WRONLY, CTX)) == errno.EACCES
+
+
+async def test_a_refused_command_reads_back_its_reason(ops: FuseOperations) -> None:
+    control = (await ops.lookup(ROOT_INO, CONTROL_NAME, CTX)).st_ino
+    ino = (await ops.lookup(control, b"dynamic_fault", CTX)).st_ino
+    fi = await ops.open(ino, os.O_RDWR, CTX)
+    try:
+        assert await fuse_errno(ops.write(fi.fh, 0, b"name blockdev_write bogus")) == errno.EINVAL
+        assert await ops.read(fi.fh, 0, 4096) == (
+            b"error EINVAL: dynamic_fault: unknown keyword 'bogus' in 'name blockdev_write bogus'\n"
+        )
+        assert await fuse_errno(ops.write(fi.fh, 0, b"name nope_nope enable")) == errno.ENOENT
+        assert await ops.read(fi.fh, 0, 4096) == (
+            b"error ENOENT: dynamic_fault: no site matches 'name nope_nope'\n"
+        )
+        assert await ops.write(fi.fh, 0, b"name blockdev_write disable") > 0
+        assert (await ops.read(fi.fh, 0, 4096)).startswith(b"# sites:")
+    finally:
+        await ops.release(fi.fh)
+    assert await read_control(ops, b"log_path") == b"-\n"
 
 
 async def test_control_directory_cannot_be_changed(ops: FuseOperations) -> None:
