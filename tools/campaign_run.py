@@ -53,6 +53,7 @@ from tools.campaign_workloads import (
     classify,
     read_whole,
 )
+from tools.pressure import Pressure, PressureSpec
 
 
 class Outcome(enum.StrEnum):
@@ -83,6 +84,14 @@ class RunConfig:
     faults: tuple[str, ...] = ()  # extra --fault specs for every mount under test
     keep: bool = False  # keep the images of clean runs too
     minimize: bool = True  # minimize a failing fsx run's op list
+    pressure: PressureSpec | None = None  # other processes on the cache during the workloads
+    chaos: tuple[str, ...] = ()  # the --chaos schedule's fault specs
+    flags: str = ""  # the campaign flags a reproducer repeats (--pressure, --chaos)
+
+    @property
+    def mount_faults(self) -> list[str]:
+        """The fault specs every mount under test gets: --fault, then --chaos."""
+        return [*self.faults, *self.chaos]
 
     @property
     def step_timeout(self) -> float:
@@ -273,15 +282,31 @@ def _also(more: list[str]) -> str:
 
 
 def _run_workloads(
-    image: Image, workloads: Sequence[Workload], obs: Observations, timeout: float
+    image: Image,
+    workloads: Sequence[Workload],
+    obs: Observations,
+    cfg: RunConfig,
+    notes: list[str],
 ) -> bool:
-    """Run the workloads in turn under a watchdog; True if the watchdog fired."""
-    with Watchdog(image, timeout) as dog:
-        for w in workloads:
-            try:
-                w.run(image.mountpoint, obs, dog.check)
-            except DaemonGone:
-                break
+    """Run the workloads in turn under a watchdog, and under ``cfg.pressure``
+    (tools/pressure.py) when set; True if the watchdog fired.  What the
+    pressure did goes to ``notes``: a pressure process that failed is a note,
+    not the outcome (the fault under test may fail its IO too)."""
+    with contextlib.ExitStack() as stack:
+        pressure = None
+        if cfg.pressure is not None:
+            root = os.fspath(image.mountpoint)
+            pressure = stack.enter_context(Pressure(cfg.pressure, root, root, stop_timeout=10))
+        with Watchdog(image, cfg.timeout) as dog:
+            for w in workloads:
+                try:
+                    w.run(image.mountpoint, obs, dog.check)
+                except DaemonGone:
+                    break
+        stack.close()
+        if pressure is not None:
+            notes.append(f"pressure: {pressure.summary()}")
+            notes.extend(pressure.problems)
     return dog.fired
 
 
@@ -330,7 +355,9 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
     cycle = CycleWorkload(cfg.seed, cfg.cycles) if "cycle" in cfg.workloads else None
     checks: list[tuple[Workload | CycleWorkload, bool]] = []
     try:
-        mounted = image.mount(faults=[spec, *cfg.faults] if site.is_mount_site else cfg.faults)
+        mounted = image.mount(
+            faults=[spec, *cfg.mount_faults] if site.is_mount_site else cfg.mount_faults
+        )
         if mounted.ok and not site.is_mount_site:
             image.control_write("dynamic_fault", spec)
         if not mounted.ok:
@@ -340,7 +367,7 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
             else:
                 verdict.problems.append(f"mount failed: {mounted.message}")
         else:
-            verdict.hang = _run_workloads(image, workloads, obs, cfg.timeout)
+            verdict.hang = _run_workloads(image, workloads, obs, cfg, verdict.notes)
             clean = False
             if not (obs.daemon_gone or verdict.hang):
                 fired = image.fired(site.name)
@@ -360,7 +387,7 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
         if cycle is not None and not (verdict.hang or verdict.crash):
             with Watchdog(image, cfg.timeout * 2) as dog:
                 try:
-                    cycle.run(image, [spec, *cfg.faults], site.name, obs)
+                    cycle.run(image, [spec, *cfg.mount_faults], site.name, obs)
                 except DaemonGone:
                     cycle.crashed = True
             verdict.hang |= dog.fired
@@ -382,6 +409,7 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
         "command": (
             f"fusefs-campaign --name {site.name} --mode '{mode}' --seed {cfg.seed} "
             f"--workload {','.join(cfg.workloads)} --ops {cfg.ops} --cycles {cfg.cycles}"
+            f"{cfg.flags}"
         ),
         "fault": spec,
     }
@@ -449,11 +477,11 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
     cut = False
     clean = False
     try:
-        mounted = image.mount(faults=cfg.faults, env={POWERCUT_ENV: spec})
+        mounted = image.mount(faults=cfg.mount_faults, env={POWERCUT_ENV: spec})
         if not mounted.ok:
             verdict.problems.append(f"mount failed: {mounted.message}")
         else:
-            verdict.hang = _run_workloads(image, workloads, obs, cfg.timeout)
+            verdict.hang = _run_workloads(image, workloads, obs, cfg, verdict.notes)
             record = read_record(record_file)
             if obs.daemon_gone or verdict.hang or not image.daemon_alive():
                 cut = record is not None and record.cut
@@ -490,7 +518,7 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
     repro = {
         "command": (
             f"fusefs-campaign --power-cut-at {at} --power-cut-mode {mode} --seed {cfg.seed} "
-            f"--ops {cfg.ops}{faults}"
+            f"--ops {cfg.ops}{faults}{cfg.flags}"
         ),
         "environment": f"{POWERCUT_ENV}={spec}",
     }

@@ -59,6 +59,7 @@ from tools.campaign_run import (
     run_fault,
     run_powercut,
 )
+from tools.pressure import PressureSpec, parse_kinds
 
 _MODE_RE: Final = re.compile(
     r"^(oneshot|frequency [1-9][0-9]*|probability (0|1|0?\.[0-9]+|1\.0+))$"
@@ -253,6 +254,27 @@ class Progress:
         )
 
 
+def chaos_faults(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--chaos`` schedule as a fault spec for every mount under test: every
+    race site armed with a probability and a drawn window (the run's ``seed``
+    command, sent first, seeds the draws)."""
+    if args.chaos is None:
+        return ()
+    return (f"seed {args.seed}; class race probability {args.chaos} delay {args.chaos_delay}",)
+
+
+def stress_flags(args: argparse.Namespace) -> str:
+    """The ``--pressure`` and ``--chaos`` flags, for the reproducers."""
+    out = ""
+    if args.pressure is not None:
+        out += f" --pressure {args.pressure}"
+        if args.pressure_interval:
+            out += f" --pressure-interval {args.pressure_interval:g}"
+    if args.chaos is not None:
+        out += f" --chaos {args.chaos:g} --chaos-delay {args.chaos_delay}"
+    return out
+
+
 def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
     out = Path(args.out).resolve()
     if not args.list:  # --list writes nothing: no report directory
@@ -267,7 +289,10 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
         ops=args.ops,
         cycles=args.cycles,
         faults=tuple(args.fault),
+        chaos=chaos_faults(args),
         keep=args.keep,
+        pressure=args.pressure_spec,
+        flags=stress_flags(args),
         minimize=not args.no_minimize,
     )
     campaign = Campaign(
@@ -444,6 +469,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extra fault spec for every mount under test (fault runs and power cuts); "
         "repeatable",
     )
+    run.add_argument(
+        "--pressure",
+        nargs="?",
+        const="all",
+        metavar="KINDS",
+        help="other processes' pressure on the cache during the workloads: all (the "
+        "default) or some of stream,drop,cache (tools/pressure.py)",
+    )
+    run.add_argument(
+        "--pressure-interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="mean pause between drops of --pressure drop (default 0: back to back)",
+    )
+    run.add_argument(
+        "--chaos",
+        type=float,
+        metavar="P",
+        help="arm every race site with probability P and a window drawn from "
+        "--chaos-delay on every mount under test (seeded by --seed)",
+    )
+    run.add_argument("--chaos-delay", default="0-2", metavar="MIN-MAX", help="ms (default 0-2)")
     pc = p.add_argument_group("power cuts")
     pc.add_argument(
         "--power-cut",
@@ -501,6 +549,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("-j needs at least 1")
     if args.power_cut < 0:
         parser.error("--power-cut needs N >= 0")
+    args.pressure_spec = None
+    if args.pressure is not None:
+        try:
+            kinds = parse_kinds(args.pressure)
+        except ValueError as e:
+            parser.error(f"--pressure: {e}")
+        args.pressure_spec = PressureSpec(kinds, interval=args.pressure_interval / 1000)
+    if args.chaos is not None and not 0 < args.chaos <= 1:
+        parser.error(f"--chaos needs a probability in (0, 1], got {args.chaos}")
     if args.out is None:
         args.out = datetime.now().strftime("campaign-%Y%m%d-%H%M%S")
     return args

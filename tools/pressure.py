@@ -92,8 +92,16 @@ class Pressure:
     the same filesystem); ``control_root`` the fusefs mount's root, or None.
     """
 
-    def __init__(self, spec: PressureSpec, directory: str, control_root: str | None) -> None:
+    def __init__(
+        self,
+        spec: PressureSpec,
+        directory: str,
+        control_root: str | None,
+        *,
+        stop_timeout: float = 60.0,
+    ) -> None:
         self.spec = spec
+        self.stop_timeout = stop_timeout
         self.directory = os.path.abspath(directory)
         self.control_root = None if control_root is None else os.path.abspath(control_root)
         self._procs: dict[str, subprocess.Popen[str]] = {}
@@ -172,7 +180,7 @@ class Pressure:
                 proc.send_signal(signal.SIGTERM)
         for kind, proc in self._procs.items():
             try:
-                out, _ = proc.communicate(timeout=60)
+                out, _ = proc.communicate(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
