@@ -618,7 +618,7 @@ class Filesystem:
                 direct.check_aligned(offset, len(data), bs)
             first, end = offset // bs, -(-(offset + len(data)) // bs)
             async with mapping.lock.block():
-                await write_and_drop(self, mapping, first, end)
+                await write_and_drop(self, mapping, first, end, what="direct write")
                 await direct.write_range(self.dev, self.alloc, inode.extents, offset, data)
                 await race_fault("direct_write_before_drop")
                 # Drop again: with the lock on nothing can have come in; with it

@@ -96,12 +96,11 @@ from fusefs.errors import (
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
 from fusefs.faults import alloc_buffer, race_fault
 from fusefs.io.direct import _holes, _place  # the hole/run pairing direct writes use
-from fusefs.io.writeback import discard, write_and_drop, writeback_range
+from fusefs.io.writeback import discard, write_and_drop
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem
     from fusefs.inode import Inode
-    from fusefs.pagecache import Mapping
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -169,7 +168,7 @@ async def fallocate(fs: Filesystem, inode: Inode, mode: int, offset: int, length
             # The partial blocks keep some bytes: write them back.  The whole
             # blocks lose theirs: discard (reserved pages give their block back).
             for lblk, _, _ in edges:
-                await _write_back_and_drop(fs, mapping, lblk, lblk + 1)
+                await write_and_drop(fs, mapping, lblk, lblk + 1, what="fallocate")
             if a < b:
                 await discard(fs, mapping, a, b)
         else:
@@ -177,7 +176,7 @@ async def fallocate(fs: Filesystem, inode: Inode, mode: int, offset: int, length
             # space state (a reservation it no longer needs, or none when it
             # thinks it needs one).  Collapse, insert: every page from the
             # offset to EOF moves.
-            await _write_back_and_drop(fs, mapping, first, drop_end)
+            await write_and_drop(fs, mapping, first, drop_end, what="fallocate")
         # Pages are gone and, with the lock on, stay gone: change the mapping.
         await race_fault("fallocate_before_change")
         try:
@@ -231,28 +230,6 @@ def _check_insert(inode: Inode, emap: ExtentMap, offset: int, length: int, bs: i
 # the page cache:
 
 
-async def _write_back_and_drop(
-    fs: Filesystem, mapping: Mapping, first: int, end: int | None
-) -> None:
-    """Write back and drop the pages of [first, end), keeping their data.
-
-    Caller must hold the mapping's BLOCK side.  Unlike a bare `write_and_drop`,
-    a failed writeback fails the operation before anything is dropped: the
-    dirty pages stay, nothing changed.
-    """
-    await writeback_range(fs, mapping, first, end, wait=True)
-    stop = MAX_FILE_BLOCKS if end is None else end
-    if mapping.nr_dirty and any(p.dirty for p in mapping.range(first, stop)):
-        error = mapping.error
-        code = error.code if isinstance(error, FsError) else errno.EIO
-        raise FsError(
-            f"fallocate: inode {mapping.inode.ino}: writeback before the change failed "
-            f"({error}); nothing changed",
-            errno=code,
-        )
-    await write_and_drop(fs, mapping, first, end)
-
-
 # the range, in blocks:
 
 
@@ -289,6 +266,9 @@ async def _zero_partial(fs: Filesystem, emap: ExtentMap, lblk: int, start: int, 
     pblk = ext.pblk + (lblk - ext.start)
     block = alloc_buffer("fallocate_zero_block", fs.block_size)
     block[:] = await fs.dev.read(pblk, 1)
+    # Nothing else writes the block meanwhile: its page was written back and
+    # dropped, and BLOCK keeps a new one out.
+    await race_fault("fallocate_zero_partial")
     block[start:stop] = bytes(stop - start)
     await fs.dev.write(pblk, block)
 

@@ -34,6 +34,7 @@ the next fsync of the file reports it (and later ones do not).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -405,13 +406,27 @@ async def flusher(fs: Filesystem, *, interval: float = 0.5) -> None:
 # helpers for BLOCK holders:
 
 
-async def write_and_drop(fs: Filesystem, mapping: Mapping, first: int, end: int | None) -> None:
+async def write_and_drop(
+    fs: Filesystem, mapping: Mapping, first: int, end: int | None, *, what: str
+) -> None:
     """Write back, wait for, and drop the pages of [first, end); the data stays.
 
     Caller must hold the mapping's BLOCK side: nothing can add a page to the
-    range between the drop and the caller's change to the mapping.
+    range between the drop and the caller's change to the mapping.  A dirty
+    page is never dropped unwritten: when writeback of the range fails, this
+    raises the writeback's error (naming ``what`` was about to change) before
+    anything is dropped, and the dirty pages stay for fsync to report.
     """
     await writeback_range(fs, mapping, first, end, wait=True)
+    stop = _END if end is None else end
+    if mapping.nr_dirty and any(p.dirty for p in mapping.range(first, stop)):
+        error = mapping.error
+        code = error.code if isinstance(error, FsError) else errno.EIO
+        raise FsError(
+            f"{what}: inode {mapping.inode.ino}: writeback before the change failed "
+            f"({error}); nothing changed",
+            errno=code,
+        )
     # Between write back and drop: only an ADD holder could dirty a page here,
     # and with the lock on there is none.
     await race_fault("block_after_writeback")

@@ -11,6 +11,7 @@ Every test ends with the cache's accounting check and, in teardown, fsck.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fusefs.errors import FsError
 from fusefs.faults import REGISTRY
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.io.writeback import writeback_range
@@ -196,3 +198,29 @@ async def test_unlink_waits_for_a_prefetch_in_flight(fs: Filesystem) -> None:
         fs.cache.check()
         assert fs.cache.nr_pages == sum(len(m.pages) for m in fs.cache.mappings.values())
         nursery.cancel_scope.cancel()
+
+
+async def test_direct_write_keeps_dirty_pages_it_could_not_write_back(fs: Filesystem) -> None:
+    """A direct write writes back and drops the cached pages of its range; when
+    that writeback fails, the direct write fails with the error and the dirty
+    pages stay (they were once dropped unwritten, and the buffered data lost
+    if the direct write then failed too)."""
+    fh, ino = await create(fs, b"f")
+    await fs.write(fh, 0, b"b" * BS)  # dirty, over a hole
+    dfh = await fs.open(ino, os.O_RDWR | os.O_DIRECT)
+    REGISTRY.control("name blockdev_write enable")
+    with pytest.raises(FsError) as e:
+        await fs.write(dfh, 0, b"d" * BS)
+    assert e.value.errno == errno.EIO
+    REGISTRY.control("name blockdev_write disable")
+    assert fs.cache.mappings[ino].pages[0].dirty
+    assert await fs.read(fh, 0, BS) == b"b" * BS
+    with pytest.raises(FsError):
+        await fs.fsync(fh, False)  # the writeback error, reported once
+    await fs.fsync(fh, False)
+    assert await on_disk(fs, fh, 0, BS) == b"b" * BS
+    assert await fs.write(dfh, 0, b"d" * BS) == BS  # and now it goes through
+    assert await on_disk(fs, fh, 0, BS) == b"d" * BS
+    fs.cache.check()
+    for h in (fh, dfh):
+        await fs.release(h)
