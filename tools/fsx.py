@@ -77,8 +77,10 @@ RACE_DEMO_ARGS: Final = ("-S", "7", "-N", "400", *RACE_FLAGS)
 
 
 # Stress for the demo: buffered and O_DIRECT IO on two descriptors, every
-# fallocate mode, drop_caches, readahead bursts, a full check after every op.
-DEMO_STRESS_ARGS: Final = ("-S", "7", "-N", "2000", "-X")
+# fallocate mode, drop_caches, readahead bursts, a full check after every op, all
+# under other processes' pressure (a stream, a drop loop, a 1 MiB cache) and with
+# every race window opened at random.
+DEMO_STRESS_ARGS: Final = ("-S", "7", "-N", "2000", "-X", "--pressure", "--chaos", "0.05")
 
 
 def race_demo_argv(file: str, lock: str, log_dir: str) -> list[str]:
@@ -99,7 +101,10 @@ def demo(
     the lock-off one, so that its failure report reads as the expected result."""
     stress = os.path.join(mountpoint, "fsx-stress")
     race = os.path.join(mountpoint, "fsx-race")
-    say("stress: 2000 ops, buffered and O_DIRECT, every fallocate mode; must pass")
+    say(
+        "stress: 2000 ops, buffered and O_DIRECT, every fallocate mode, under other processes' "
+        "pressure on the cache and chaos windows; must pass"
+    )
     passed = run([*DEMO_STRESS_ARGS, "-P", log_dir, stress]) == EXIT_OK
     extra = ["--minimize"] if minimize else []
     say("seed 7 with the pagecache add lock OFF: must fail -- the report below is expected")

@@ -13,6 +13,7 @@ cuts at the flushes must be caught.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,40 @@ def test_broken_commit_ordering_is_caught(tmp_path: Path, site_names: set[str]) 
     assert failures, output
     assert code == 1
     assert f"--fault 'name {ORDERING_SITE} enable'" in failures[0]["reproducer"]["command"]
+
+
+@pytest.mark.mount
+def test_campaign_under_pressure_and_chaos(tmp_path: Path) -> None:
+    """The workloads run beside a stream, a drop loop and a 1 MiB cache, with
+    every race window opened at random: the fault run and the power cuts stay
+    clean, and the pressure is reported."""
+    code, doc, output = campaign(
+        tmp_path,
+        *("--name", "blockdev_write", "--workload", "fsx,meta", "--ops", "200"),
+        *("--power-cut", "4", "--pressure", "--chaos", "0.1"),
+        timeout=400,
+    )
+    (write,) = doc["runs"]
+    assert write["outcome"] == "clean", write
+    notes = " ".join(write["notes"])
+    assert re.search(r"pressure: .*drop: [1-9]\d* drops.*stream: [1-9]\d* passes", notes), notes
+    cuts = [r for r in doc["powercut"]["runs"] if r["outcome"] not in ("clean", "not reached")]
+    assert not cuts, cuts
+    assert code == 0, output
+
+
+@pytest.mark.mount
+def test_campaign_under_pressure_finds_a_lost_write(tmp_path: Path) -> None:
+    """The lost-write bug brought back by its self-test site, on every hit, is
+    reported as corruption; the reproducer repeats the stress flags."""
+    code, doc, output = campaign(
+        tmp_path,
+        *("--name", "buffered_write_into_evicted_page", "--mode", "frequency 1"),
+        *("--workload", "fsx", "--ops", "600", "--pressure", "drop", "--chaos", "0.2"),
+        *("--no-minimize",),
+        timeout=400,
+    )
+    (bug,) = doc["runs"]
+    assert bug["outcome"] == "corruption", bug
+    assert "--pressure drop --chaos 0.2 --chaos-delay 0-2" in bug["reproducer"]["command"]
+    assert code == 1, output
