@@ -86,10 +86,33 @@ __all__ = [
     "CommitToken",
     "Reservation",
     "Run",
+    "place_runs",
 ]
 
 Run = tuple[int, int]
 """A run of physical blocks: ``(first block, count)``."""
+
+
+def place_runs(holes: list[tuple[int, int]], runs: list[Run]) -> list[tuple[int, int, int]]:
+    """Lay physical ``runs`` (as `Allocator.allocate` returns them) over logical
+    ``holes`` (``(lblk, n)``, as `ExtentMap.holes` returns them), block for
+    block: the ``(lblk, pblk, n)`` pieces to map.  The runs cover the holes."""
+    out: list[tuple[int, int, int]] = []
+    ri = 0
+    rp, rn = runs[0] if runs else (0, 0)
+    for lblk, n in holes:
+        while n:
+            take = min(n, rn)
+            out.append((lblk, rp, take))
+            lblk += take
+            n -= take
+            rp += take
+            rn -= take
+            if rn == 0 and ri + 1 < len(runs):
+                ri += 1
+                rp, rn = runs[ri]
+    return out
+
 
 # Block states, one byte each in Allocator._map.
 FREE: Final = 0

@@ -237,6 +237,19 @@ class ExtentMap:
             b = min(s + n, end)
             yield Extent(a, p + a - s, b - a, uw)
 
+    def holes(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The unmapped runs ``(lblk, n)`` of [first, first + count), ascending."""
+        holes: list[tuple[int, int]] = []
+        pos = first
+        end = first + count
+        for ext in self.extents(first, end):
+            if ext.start > pos:
+                holes.append((pos, ext.start - pos))
+            pos = ext.start + ext.length
+        if pos < end:
+            holes.append((pos, end - pos))
+        return holes
+
     def mapped_blocks(self) -> int:
         return self._mapped
 

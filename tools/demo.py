@@ -26,8 +26,8 @@ from pathlib import Path
 from rich.table import Table
 
 from fusefs.demo import demo_console, race_table
-from tools.fault_campaign import run_demo as run_campaign_demo
-from tools.fsx import demo as fsx_demo
+from tools.campaign.cli import run_demo as run_campaign_demo
+from tools.fsx.cli import demo as fsx_demo
 
 console = demo_console()
 

@@ -81,6 +81,39 @@ class PressureSpec:
         return ", ".join(parts)
 
 
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--pressure``, ``--pressure-interval``, ``--chaos`` and ``--chaos-delay``,
+    as fusefs-fsx and fusefs-campaign take them."""
+    group.add_argument(
+        "--pressure",
+        nargs="?",
+        const="all",
+        metavar="KINDS",
+        help="other processes' pressure on the cache while the run goes on: all (the "
+        "default) or some of stream,drop,cache (tools/pressure.py)",
+    )
+    group.add_argument(
+        "--pressure-interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="mean pause between drops of --pressure drop (default 0: back to back)",
+    )
+    group.add_argument(
+        "--chaos",
+        type=float,
+        metavar="P",
+        help="fusefs: arm every race site with probability P and a window drawn from "
+        "--chaos-delay, seeded by the run's seed",
+    )
+    group.add_argument(
+        "--chaos-delay",
+        default="0-2",
+        metavar="MIN-MAX",
+        help="window of --chaos in ms, drawn on each fire (default 0-2)",
+    )
+
+
 class PressureError(Exception):
     """The pressure could not be set up (a kind that needs fusefs, no root)."""
 

@@ -23,7 +23,7 @@ zero, so growing a file (by write or truncate) exposes zeros.
 
 from __future__ import annotations
 
-from fusefs.alloc import Allocator, Run
+from fusefs.alloc import Allocator, Run, place_runs
 from fusefs.blockdev import BlockDevice
 from fusefs.errors import FileTooBig, InvalidArgument
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
@@ -97,7 +97,7 @@ async def write_range(
         buf[head : head + len(data)] = view
 
     # Allocate one run for all the unmapped blocks, next to the previous mapping.
-    holes = _holes(emap, first, count)
+    holes = emap.holes(first, count)
     need = sum(n for _, n in holes)
     new_runs: list[Run] = []
     if need:
@@ -106,7 +106,7 @@ async def write_range(
         new_runs = alloc.allocate(need, hint=hint)
     try:
         # Pair the holes with the new runs, block for block.
-        placements = _place(holes, new_runs)
+        placements = place_runs(holes, new_runs)
         for ext in emap.extents(first, first + count):
             if ext.pblk is None:
                 continue
@@ -122,39 +122,6 @@ async def write_range(
     for lblk, pblk, n in placements:
         emap.map(lblk, pblk, n)
     emap.mark_written(first, count)
-
-
-def _holes(emap: ExtentMap, first: int, count: int) -> list[Run]:
-    """The unmapped runs (lblk, n) of [first, first + count)."""
-    holes: list[Run] = []
-    pos = first
-    end = first + count
-    for ext in emap.extents(first, end):
-        if ext.start > pos:
-            holes.append((pos, ext.start - pos))
-        pos = ext.start + ext.length
-    if pos < end:
-        holes.append((pos, end - pos))
-    return holes
-
-
-def _place(holes: list[Run], runs: list[Run]) -> list[tuple[int, int, int]]:
-    """Lay the physical ``runs`` over the logical ``holes``: (lblk, pblk, n) pieces."""
-    out: list[tuple[int, int, int]] = []
-    ri = 0
-    rp, rn = runs[0] if runs else (0, 0)
-    for lblk, n in holes:
-        while n:
-            take = min(n, rn)
-            out.append((lblk, rp, take))
-            lblk += take
-            n -= take
-            rp += take
-            rn -= take
-            if rn == 0 and ri + 1 < len(runs):
-                ri += 1
-                rp, rn = runs[ri]
-    return out
 
 
 async def zero_tail(dev: BlockDevice, emap: ExtentMap, size: int) -> None:

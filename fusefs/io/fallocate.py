@@ -85,7 +85,7 @@ import errno
 import stat
 from typing import TYPE_CHECKING, Final
 
-from fusefs.alloc import Run
+from fusefs.alloc import Run, place_runs
 from fusefs.errors import (
     FileTooBig,
     FsError,
@@ -95,7 +95,6 @@ from fusefs.errors import (
 )
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
 from fusefs.faults import alloc_buffer, race_fault
-from fusefs.io.direct import _holes, _place  # the hole/run pairing direct writes use
 from fusefs.io.writeback import discard, write_and_drop
 
 if TYPE_CHECKING:
@@ -305,7 +304,7 @@ async def _zero_or_allocate(
 ) -> None:
     """Unwritten extents over the holes of [first, end); for ZERO_RANGE also the
     partial edges zeroed and the written whole blocks [a, b) made unwritten."""
-    holes = _holes(emap, first, end - first)
+    holes = emap.holes(first, end - first)
     need = sum(n for _, n in holes)
     runs: list[Run] = []
     if need:
@@ -329,5 +328,5 @@ async def _zero_or_allocate(
                     emap.unmap(ext.start, ext.length)
                     emap.map(ext.start, ext.pblk, ext.length, unwritten=True)
     if runs:
-        for lblk, pblk, n in _place(holes, runs):
+        for lblk, pblk, n in place_runs(holes, runs):
             emap.map(lblk, pblk, n, unwritten=True)

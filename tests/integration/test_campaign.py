@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from tools.campaign_mount import Image, listing_fired, parse_listing
-from tools.campaign_report import render_markdown, summary_lines
-from tools.campaign_run import cut_points, iter_modes
-from tools.campaign_workloads import _mix_ok, fallocate_model
+from tools.campaign.mount import Image, listing_fired, parse_listing
+from tools.campaign.report import render_markdown, summary_lines
+from tools.campaign.run import cut_points, iter_modes
+from tools.campaign.workloads import _mix_ok, fallocate_model
 
-CAMPAIGN = [sys.executable, "-m", "tools.fault_campaign"]
+CAMPAIGN = [sys.executable, "-m", "tools.campaign"]
 CRASH_SITE = "daemon_crash"
 ORDERING_SITE = "commit_skip_checkpoint_flush"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tools import fsx
-from tools.fsx_model import FALLOC_MODES, Op, parse_ops, stamp_bytes
-from tools.fsx_target import Target
+from tools.fsx import cli as fsx
+from tools.fsx.model import FALLOC_MODES, Op, parse_ops, stamp_bytes
+from tools.fsx.target import Target
 
 from .conftest import FuseMount, control_read
 

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tools import fsx
+from tools.fsx import cli as fsx
 
 from .conftest import FuseMount, control_read
-
-FSX = [sys.executable, "-m", "tools.fsx"]
+from .test_fsx import fsx_cli, output
 
 # The read/write/truncate mix with small ops over a small file: a truncate often
 # lands in a page a write has just dirtied (docs/fsx.md, "Pressure").
@@ -35,22 +32,6 @@ CONFIGS = {
     "chaos": ["--chaos", "0.1", "--pressure", "all"],
     "direct": ["--weights", "dread=6,dwrite=6", "--pressure", "all"],
 }
-
-
-def fsx_cli(
-    *args: str | os.PathLike[str], timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FSX, *(os.fspath(a) for a in args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def output(done: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {done.returncode}\n{done.stdout}{done.stderr}"
 
 
 def nothing_left_switched(m: FuseMount) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tools.fsx_model import (
+from tools.fsx.model import (
     ALL_KINDS,
     BS,
     CELL,
@@ -34,7 +34,7 @@ from tools.fsx_model import (
     touching,
     why_invalid,
 )
-from tools.fsx_procs import (
+from tools.fsx.procs import (
     Anomaly,
     History,
     Mutation,

@@ -1,4 +1,4 @@
-"""The metadata workload of a fault campaign (see tools/campaign_workloads.py for
+"""The metadata workload of a fault campaign (see tools/campaign/workloads.py for
 what a workload records and how it is verified).
 
 The namespace is modelled as a sequence of states, one per operation: a commit
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.campaign_mount import GONE_ERRNOS
-from tools.campaign_workloads import Observations, classify, read_whole
+from tools.campaign.mount import GONE_ERRNOS
+from tools.campaign.workloads import Observations, classify, read_whole
 
 # A namespace state: path -> (kind, node, data, xattrs, symlink target).  ``node``
 # identifies the inode (hard links share it); ``data`` is None where the contents

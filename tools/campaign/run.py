@@ -43,10 +43,10 @@ from typing import Any, Final, Protocol
 
 from fusefs.powercut import ENV_VAR as POWERCUT_ENV
 from fusefs.powercut import read_record, record_path_for
-from tools.campaign_fsx import FsxWorkload, fsx_available
-from tools.campaign_meta import MetaWorkload
-from tools.campaign_mount import Image, SiteInfo, StepTimeout
-from tools.campaign_workloads import (
+from tools.campaign.fsx import FsxWorkload, fsx_available
+from tools.campaign.meta import MetaWorkload
+from tools.campaign.mount import Image, SiteInfo, StepTimeout
+from tools.campaign.workloads import (
     DaemonGone,
     DataWorkload,
     Observations,

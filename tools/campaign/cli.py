@@ -4,7 +4,7 @@ Fault campaign: the sites come from a freshly mounted filesystem's
 ``.fusefs/dynamic_fault`` (so the list always matches the code), filtered by
 class, module and name; every selected site runs in every selected mode
 (``oneshot``, ``frequency N``, ``probability P`` seeded by ``--seed``), each run on
-a fresh image (tools/campaign_run.py says what a run does and how its outcome
+a fresh image (tools/campaign/run.py says what a run does and how its outcome
 is decided: clean, not reached, crash, hang, corruption, fsck error).
 
 Power cuts (``--power-cut N``): one counting run learns how many device writes
@@ -46,9 +46,9 @@ from typing import Any, Final
 from rich.console import Console
 
 from fusefs.demo import demo_console
-from tools.campaign_mount import Image, SiteInfo, kill_all, parse_listing
-from tools.campaign_report import render_markdown, summary_lines
-from tools.campaign_run import (
+from tools.campaign.mount import Image, SiteInfo, kill_all, parse_listing
+from tools.campaign.report import render_markdown, summary_lines
+from tools.campaign.run import (
     FAILURES,
     OUTCOMES,
     WORKLOADS,
@@ -60,6 +60,7 @@ from tools.campaign_run import (
     run_powercut,
 )
 from tools.pressure import PressureSpec, parse_kinds
+from tools.pressure import add_arguments as add_pressure_arguments
 
 _MODE_RE: Final = re.compile(
     r"^(oneshot|frequency [1-9][0-9]*|probability (0|1|0?\.[0-9]+|1\.0+))$"
@@ -469,29 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extra fault spec for every mount under test (fault runs and power cuts); "
         "repeatable",
     )
-    run.add_argument(
-        "--pressure",
-        nargs="?",
-        const="all",
-        metavar="KINDS",
-        help="other processes' pressure on the cache during the workloads: all (the "
-        "default) or some of stream,drop,cache (tools/pressure.py)",
-    )
-    run.add_argument(
-        "--pressure-interval",
-        type=float,
-        default=0.0,
-        metavar="MS",
-        help="mean pause between drops of --pressure drop (default 0: back to back)",
-    )
-    run.add_argument(
-        "--chaos",
-        type=float,
-        metavar="P",
-        help="arm every race site with probability P and a window drawn from "
-        "--chaos-delay on every mount under test (seeded by --seed)",
-    )
-    run.add_argument("--chaos-delay", default="0-2", metavar="MIN-MAX", help="ms (default 0-2)")
+    add_pressure_arguments(run)
     pc = p.add_argument_group("power cuts")
     pc.add_argument(
         "--power-cut",

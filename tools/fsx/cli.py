@@ -7,9 +7,9 @@ wrote them, at which offset), the ops that touched that byte, and in the log
 directory the log, the expected image, the actual image and the replayable op
 list.  ``--minimize`` shrinks a failing op list by delta debugging;
 ``--procs N`` runs readers against writers in N processes and checks every block
-every reader saw (`tools.fsx_procs`).  docs/fsx.md has the whole story; the
-pieces are `tools.fsx_model` (pure: data, ops, model, generator, minimizer) and
-`tools.fsx_target` (syscalls, fallocate backends, the control directory).
+every reader saw (`tools.fsx.procs`).  docs/fsx.md has the whole story; the
+pieces are `tools.fsx.model` (pure: data, ops, model, generator, minimizer) and
+`tools.fsx.target` (syscalls, fallocate backends, the control directory).
 
 `run` takes an argv and returns the exit status (0 passed, 1 the filesystem
 failed, 2 bad usage or setup); `main` is the console script.
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from tools.fsx_model import (
+from tools import pressure
+from tools.fsx.model import (
     ALL_KINDS,
     BS,
     FALLOC_KINDS,
@@ -53,7 +54,7 @@ from tools.fsx_model import (
     touching,
     why_invalid,
 )
-from tools.fsx_target import (
+from tools.fsx.target import (
     Capabilities,
     MountSettings,
     RaceReaders,
@@ -216,40 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--race-probability", type=float, default=1.0, metavar="P")
     g.add_argument("--pagecache-lock", choices=("on", "off"), help="fusefs: switch the lock")
-    g.add_argument(
-        "--pressure",
-        nargs="?",
-        const="all",
-        metavar="KINDS",
-        help="other processes' pressure on the cache while the run goes on: all (the "
-        "default) or some of stream,drop,cache (tools/pressure.py)",
-    )
+    pressure.add_arguments(g)
     g.add_argument(
         "--pressure-cache",
         type=_size,
         default=1 << 20,
         metavar="SIZE",
         help="fusefs: cache size for --pressure cache (default 1M)",
-    )
-    g.add_argument(
-        "--pressure-interval",
-        type=float,
-        default=0.0,
-        metavar="MS",
-        help="pause between drops of --pressure drop (default 0: back to back)",
-    )
-    g.add_argument(
-        "--chaos",
-        type=float,
-        metavar="P",
-        help="fusefs: arm every race site with probability P and a random window "
-        "(--chaos-delay), seeded by the run's seed",
-    )
-    g.add_argument(
-        "--chaos-delay",
-        default="0-2",
-        metavar="MIN-MAX",
-        help="window of --chaos in ms, drawn on each fire (default 0-2)",
     )
     g.add_argument(
         "--fault",
@@ -738,7 +712,7 @@ def _setup(args: argparse.Namespace, argv: list[str]) -> tuple[Options, MountSet
             )
         return opts, None
     assert caps.control_root is not None
-    from tools.fsx_target import Control
+    from tools.fsx.target import Control
 
     settings = MountSettings(Control(caps.control_root))
     try:
@@ -781,7 +755,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         with _pressure(opts, out) as pressure:
             if args.procs:
-                from tools.fsx_procs import run_procs
+                from tools.fsx.procs import run_procs
 
                 status = run_procs(opts, out)
             else:

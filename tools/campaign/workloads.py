@@ -27,7 +27,7 @@ workload.
 
 Every choice comes from ``random.Random`` seeded by the run: a run is replayed
 from its seed.  This module has the shared parts and the data workload; the
-metadata workload is tools/campaign_meta.py, fsx's adapter tools/campaign_fsx.py.
+metadata workload is tools/campaign/meta.py, fsx's adapter tools/campaign/fsx.py.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from tools.campaign_mount import GONE_ERRNOS
+from tools.campaign.mount import GONE_ERRNOS
 
 BS: Final = 4096
 CLEAN_ERRNOS: Final = frozenset({errno.EIO, errno.ENOMEM, errno.ENOSPC, errno.EROFS})

@@ -10,7 +10,7 @@ thing: zeros, or the data of one write.
 
 Stamps.  Every written block carries, in each of its 16-byte cells, the
 writer, the operation number and the block's logical offset at write time
-(`tools.fsx_model.stamp_bytes`).  A reader decodes each block it reads into that
+(`tools.fsx.model.stamp_bytes`).  A reader decodes each block it reads into that
 stamp (or ``0`` for zeros) on the spot and logs it with the read's start and
 end time; a block that is not one stamp throughout is logged cell by cell.
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TextIO
 
-from tools.fsx_model import (
+from tools.fsx.model import (
     BS,
     CELL,
     GenConfig,
@@ -59,10 +59,10 @@ from tools.fsx_model import (
     size_after,
     stamp_bytes,
 )
-from tools.fsx_target import Capabilities, Target
+from tools.fsx.target import Capabilities, Target
 
 if TYPE_CHECKING:
-    from tools.fsx import Options
+    from tools.fsx.cli import Options
 
 WRITER_KINDS: Final = frozenset(
     {"write", "dwrite", "truncate", "alloc", "keep_size", "punch", "zero", "zero_keep"}
@@ -445,7 +445,7 @@ def explain(history: History, a: Anomaly) -> list[str]:
 
 
 def run_procs(opts: Options, out: TextIO) -> int:
-    from tools.fsx import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Display
+    from tools.fsx.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Display
 
     args = opts.args
     nprocs = args.procs

@@ -1,4 +1,4 @@
-"""The fsx workload of a fault campaign: ``fusefs-fsx`` (tools/fsx.py) in a subprocess.
+"""The fsx workload of a fault campaign: ``fusefs-fsx`` (tools/fsx/cli.py) in a subprocess.
 
 Two short runs on one file each: buffered IO with every fallocate mode, then
 O_DIRECT (``-Z``).  fsx keeps its own model and reads back as it goes, so a
@@ -7,8 +7,8 @@ wrong byte makes it exit non-zero with a miscompare; an error it was given
 recorded (``--record-ops``), so a failing run comes with a reproducer; with
 ``minimize`` the list is first cut down with ``fusefs-fsx --minimize``.
 
-Where tools/fsx.py is not installed, campaigns use the built-in data workload
-(`tools.campaign_workloads.DataWorkload`) instead.
+Where tools/fsx/cli.py is not installed, campaigns use the built-in data workload
+(`tools.campaign.workloads.DataWorkload`) instead.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tools.campaign_mount import GONE_ERRNOS
-from tools.campaign_workloads import CLEAN_ERRNOS, DaemonGone, Observations
+from tools.campaign.mount import GONE_ERRNOS
+from tools.campaign.workloads import CLEAN_ERRNOS, DaemonGone, Observations
 
 FSX: Final = (sys.executable, "-m", "tools.fsx")
 _ERRNO_RE: Final = re.compile(r"failed: (E[A-Z0-9]+):")
@@ -66,7 +66,7 @@ class FsxWorkload:
         try:
             os.mkdir(root / "fsx")
         except OSError as e:
-            from tools.campaign_workloads import classify
+            from tools.campaign.workloads import classify
 
             classify(e, obs, "mkdir fsx")
             return

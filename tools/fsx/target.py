@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from tools.fsx_model import BS, FALLOC_MODES
+from tools.fsx.model import BS, FALLOC_MODES
 
 CONTROL_DIR: Final = ".fusefs"
 FALLOC_FLAGS: Final = {

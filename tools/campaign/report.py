@@ -1,6 +1,6 @@
 """The campaign report: Markdown from the JSON matrix, and a short summary.
 
-Both read only the JSON document (`tools.fault_campaign.Campaign.to_json`), so a
+Both read only the JSON document (`tools.campaign.cli.Campaign.to_json`), so a
 report can be rendered again from ``matrix.json`` alone.
 """
 

@@ -1,0 +1,6 @@
+"""fusefs-campaign: fault-injection campaigns and simulated power cuts.
+
+`tools.campaign.cli` is the command; `run` one run of a campaign, `mount` the
+image and mount it runs on, `workloads`, `meta` and `fsx` the workloads,
+`report` the outcome matrix.  ``python -m tools.campaign`` runs the command.
+"""

@@ -1,0 +1,5 @@
+import sys
+
+from tools.campaign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from tools.fsx.cli import main
+
+sys.exit(main())
