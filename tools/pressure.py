@@ -42,6 +42,7 @@ from types import FrameType, TracebackType
 from typing import Final
 
 KINDS: Final = ("stream", "drop", "cache")
+READY: Final = "ready"
 CHUNK: Final = 1 << 20
 DEFAULT_CACHE: Final = 1 << 20
 PROC_DROP_CACHES: Final = "/proc/sys/vm/drop_caches"
@@ -192,12 +193,21 @@ class Pressure:
         return 64 * CHUNK
 
     def _spawn(self, kind: str, args: list[str]) -> None:
-        self._procs[kind] = subprocess.Popen(
+        """Start one pressure process and wait until it is under way (its SIGTERM
+        handler installed: a run shorter than its start-up still stops it cleanly)."""
+        proc = subprocess.Popen(
             [sys.executable, "-m", "tools.pressure", kind, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self._procs[kind] = proc
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if first != READY:
+            rest = proc.communicate()[0]
+            self.counts[kind] = "died"
+            raise PressureError(f"{kind} pressure did not start: {(first + ' ' + rest).strip()}")
 
     def check(self) -> None:
         """Record a pressure process that died while the run was going on."""
@@ -255,6 +265,7 @@ class _Stop:
     def __init__(self) -> None:
         self._stopped = False
         signal.signal(signal.SIGTERM, self._handler)
+        print(READY, flush=True)  # the parent waits for this before the run starts
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self._stopped = True
