@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             fsx_ok = fsx_demo(str(mnt), str(fsx_log), say=say)
             results.append(
                 (
-                    "fsx: 2000 ops (buffered+O_DIRECT+every fallocate); lock off fails, on passes",
+                    "fsx: 2000 ops (buffered+O_DIRECT+every fallocate, under pressure and chaos); "
+                    "lock off fails, on passes",
                     "as expected" if fsx_ok else "UNEXPECTED (see above)",
                     time.perf_counter() - start,
                 )
