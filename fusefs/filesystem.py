@@ -33,7 +33,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, final
 
@@ -692,18 +692,30 @@ class Filesystem:
         return self._new_fh(DirHandle(d, list(d.entries.items())))
 
     async def readdir(self, fh: int, start_id: int) -> list[tuple[bytes, Attr, int]]:
+        """Every entry from ``start_id`` on (`readdir_entries`, all of them)."""
+        return list(self.readdir_entries(fh, start_id))
+
+    def readdir_entries(self, fh: int, start_id: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """The entries from ``start_id`` on, each with its attributes and the id of
+        the next, made one at a time: a caller that stops after the few that fit
+        its reply (FUSE's readdir buffer) pays for those, not for the rest of the
+        directory -- else listing a directory costs its size squared.  The
+        generator never awaits; consume it without awaiting between entries."""
         handle = self._handles.get(fh)
         if not isinstance(handle, DirHandle):
             raise InvalidArgument(f"bad directory handle {fh}", errno=errno.EBADF)
-        out = []
+        return self._dir_entries(handle, start_id)
+
+    def _dir_entries(self, handle: DirHandle, start_id: int) -> Iterator[tuple[bytes, Attr, int]]:
         entries = handle.inode.entries or {}
-        for i in range(start_id, len(handle.names)):
-            name, ino = handle.names[i]
-            inode = self.ns.inodes.get(ino)
+        names = handle.names
+        inodes = self.ns.inodes
+        for i in range(start_id, len(names)):
+            name, ino = names[i]
+            inode = inodes.get(ino)
             if inode is None or entries.get(name) != ino:
                 continue  # removed since opendir
-            out.append((name, self.attr(inode), i + 1))
-        return out
+            yield name, self.attr(inode), i + 1
 
     async def releasedir(self, fh: int) -> None:
         if not isinstance(self._handles.pop(fh, None), DirHandle):

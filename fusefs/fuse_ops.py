@@ -41,7 +41,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Final, ParamSpec, TypeVar, final
 
 import pyfuse3
@@ -369,12 +369,14 @@ class FuseOperations(pyfuse3.Operations):
 
     @errno_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries: Iterable[tuple[bytes, Attr, int]]
         if self.control.owns(fh):
             entries = list(self.control.readdir(fh, start_id))
         else:
-            entries = await self.fs.readdir(fh, start_id)
+            # Made lazily: only the entries that fit this reply get attributes.
+            entries = self.fs.readdir_entries(fh, start_id)
             if fh in self._root_dir_handles:
-                entries = [e for e in entries if e[0] != CONTROL_NAME]
+                entries = (e for e in entries if e[0] != CONTROL_NAME)
         for name, attr, next_id in entries:
             if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), next_id):
                 break

@@ -172,6 +172,39 @@ async def test_readdir_stops_when_the_buffer_is_full_and_resumes(
     assert sorted(first.names + rest.names) == [b"a", b"b", b"c"]
 
 
+async def test_readdir_builds_attributes_only_for_the_entries_that_fit(
+    ops: FuseOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing a directory in replies of k entries costs each entry once, not
+    the rest of the directory on every reply (a quadratic listdir)."""
+    for i in range(200):
+        await create(ops, f"f{i:03d}".encode())
+    token = cast(pyfuse3.ReaddirToken, object())
+    built = 0
+    attr = ops.fs.attr
+
+    def counting(inode: Any) -> Any:
+        nonlocal built
+        built += 1
+        return attr(inode)
+
+    monkeypatch.setattr(ops.fs, "attr", counting)
+    fh = await ops.opendir(ROOT_INO, CTX)
+    names: list[bytes] = []
+    start = 0
+    while True:
+        replies = Replies(room=10)
+        monkeypatch.setattr(pyfuse3, "readdir_reply", replies)
+        await ops.readdir(fh, start, token)
+        if not replies.names:
+            break
+        names += replies.names
+        start = replies.next_ids[-1]
+    await ops.releasedir(fh)
+    assert len(names) == 200
+    assert built <= 200 + 21  # each entry once, plus the one that did not fit, per reply
+
+
 # the error boundary:
 
 
