@@ -193,6 +193,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     args.mountpoint = os.path.abspath(args.mountpoint)
     fuse_only, core = split_options(args.options)
     options = MountOptions.parse(core)  # a bad option fails here, before any fork
+    problem = daemon.pyfuse3_problem()  # before any fork, too
+    if problem is not None:
+        _fail(problem)
     log_path = os.path.abspath(args.log) if args.log else daemon.default_log_path(args.image)
     if args.ready_fd is None:  # a user's command, not the daemon we started
         check_mount_args(args)
