@@ -12,8 +12,9 @@ commit and exit, and reads its verdict from the status file ``IMAGE.status``
 (described in daemon.py): exit 0 only after a clean shutdown.
 
 ``fallocate`` takes util-linux fallocate(1)'s flags and sizes and goes through the
-``.fusefs/fallocate`` control file of the mount holding the file (pyfuse3 offers
-the kernel's fallocate(2) no way in: docs/fallocate.md); ``drop-caches`` and
+``.fusefs/fallocate`` control file of the mount holding the file (the one way to
+collapse and insert range: the kernel's fallocate(2) forwards neither to FUSE,
+docs/fallocate.md); ``drop-caches`` and
 ``lock`` write ``.fusefs/drop_caches`` and ``.fusefs/pagecache_lock``.
 """
 
