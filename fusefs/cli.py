@@ -12,8 +12,9 @@ commit and exit, and reads its verdict from the status file ``IMAGE.status``
 (described in daemon.py): exit 0 only after a clean shutdown.
 
 ``fallocate`` takes util-linux fallocate(1)'s flags and sizes and goes through the
-``.fusefs/fallocate`` control file of the mount holding the file (pyfuse3 offers
-the kernel's fallocate(2) no way in: docs/fallocate.md); ``drop-caches`` and
+``.fusefs/fallocate`` control file of the mount holding the file (the one way to
+collapse and insert range: the kernel's fallocate(2) forwards neither to FUSE,
+docs/fallocate.md); ``drop-caches`` and
 ``lock`` write ``.fusefs/drop_caches`` and ``.fusefs/pagecache_lock``.
 """
 
@@ -193,6 +194,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     args.mountpoint = os.path.abspath(args.mountpoint)
     fuse_only, core = split_options(args.options)
     options = MountOptions.parse(core)  # a bad option fails here, before any fork
+    problem = daemon.pyfuse3_problem()  # before any fork, too
+    if problem is not None:
+        _fail(problem)
     log_path = os.path.abspath(args.log) if args.log else daemon.default_log_path(args.image)
     if args.ready_fd is None:  # a user's command, not the daemon we started
         check_mount_args(args)

@@ -57,6 +57,21 @@ log = logging.getLogger("fusefs")
 
 _SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LOG_FORMAT: Final = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+# The marker of the pyfuse3 build scripts/setup makes from patches/pyfuse3/: only that
+# build passes the kernel's fallocate(2) and SEEK_DATA/SEEK_HOLE on to fusefs.
+PYFUSE3_PATCH: Final = "fallocate+lseek 1"
+
+
+def pyfuse3_problem() -> str | None:
+    """Why the installed pyfuse3 cannot serve fusefs (one line), or None."""
+    found = getattr(pyfuse3, "FUSEFS_PATCH", None)
+    if found == PYFUSE3_PATCH:
+        return None
+    build = "unpatched" if found is None else f"patched as {found!r}"
+    return (
+        f"pyfuse3 {pyfuse3.__version__} is {build}; fusefs needs the build with "
+        f"{PYFUSE3_PATCH!r} (patches/pyfuse3/): run scripts/setup"
+    )
 
 
 def status_path(image: str) -> str:

@@ -28,10 +28,10 @@ Attribute-only invalidation takes no page lock and is done synchronously
 (`invalidate_attr`), so that the ``stat`` right after a ``.fusefs/fallocate``
 write already sees the new size.
 
-pyfuse3 3.5.0 has no ``fallocate`` operation: libfuse answers the kernel's
-FUSE_FALLOCATE with ENOSYS, the kernel remembers that and fails every
-fallocate(2) on the mount with EOPNOTSUPP.  Every mode goes through
-``.fusefs/fallocate`` instead (docs/fallocate.md).
+``fallocate`` needs the patched pyfuse3 (patches/pyfuse3/; stock 3.5.0 never calls
+it, and the kernel then fails every fallocate(2) with EOPNOTSUPP).  The kernel
+forwards only modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (± KEEP_SIZE);
+collapse and insert range stay on ``.fusefs/fallocate`` (docs/fallocate.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import pyfuse3
 import trio
 
 from fusefs.control import CONTROL_NAME, ControlDir
-from fusefs.errors import FsError
+from fusefs.errors import FsError, NotSupported
 from fusefs.faults import dynamic_fault
 from fusefs.filesystem import Attr, Filesystem
 from fusefs.namespace import ROOT_INO
@@ -348,6 +348,16 @@ class FuseOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         if not self.control.owns(fh):
             await self.fs.fsync(fh, datasync)
+
+    @errno_boundary
+    async def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> None:
+        if self.control.owns(inode):
+            raise NotSupported("fallocate: a control file has no blocks")
+        await self.fs.fallocate(inode, mode, offset, length)
+        # As after ``.fusefs/fallocate``: times (and maybe the size) changed in the
+        # core; the kernel must not serve cached attributes for CACHE_TIMEOUT.  Only
+        # attributes, so no page lock: safe from the request itself.
+        self.invalidate_attr(inode)
 
     @errno_boundary
     async def release(self, fh: int) -> None:

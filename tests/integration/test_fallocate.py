@@ -1,7 +1,8 @@
 """fallocate through a real mount: every mode through ``.fusefs/fallocate`` (by path and
 by inode) and through ``fusefs fallocate``; errors; the kernel's caches invalidated;
-``drop_caches`` and ``pagecache_lock``; and the kernel's own fallocate(2), which
-pyfuse3 3.5.0 cannot serve (EOPNOTSUPP, docs/fallocate.md)."""
+``drop_caches`` and ``pagecache_lock``; and the kernel's own fallocate(2) for the modes
+it forwards (through the patched pyfuse3, docs/fallocate.md), util-linux fallocate(1)
+and posix_fallocate(3) among the callers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -353,21 +356,127 @@ def test_pagecache_lock_file(shared_mount: FuseMount) -> None:
     assert fusefs("drop-caches", root).returncode == 0
 
 
-def test_kernel_fallocate_is_not_supported(shared_mount: FuseMount, work: str) -> None:
-    """pyfuse3 3.5.0 has no fallocate handler: every mode fails with EOPNOTSUPP (the
-    kernel learns ENOSYS once and answers for the mount after that)."""
+# The modes the kernel's FUSE driver forwards (docs/fallocate.md): (flags, offset, length).
+KERNEL_CASES = [
+    (0, 3 * BS + 100, 6 * BS),
+    (KEEP, BS, 20 * BS),
+    (PUNCH | KEEP, BS + 10, 3 * BS),
+    (ZERO, 2 * BS - 5, 10 * BS),
+    (ZERO | KEEP, 5, 30 * BS),
+]
+
+
+def test_kernel_fallocate_reaches_fusefs(shared_mount: FuseMount, work: str) -> None:
+    """fallocate(2) of every forwarded mode, bytes and size compared with the model,
+    through the patched pyfuse3 into `Filesystem.fallocate`."""
+    for i, (flags, offset, length) in enumerate(KERNEL_CASES):
+        path = os.path.join(work, f"f{i}")
+        data = pattern(SIZE, i)
+        make(path, data)
+        contents(path)  # cached pages in the range, and the kernel's attributes
+        fd = os.open(path, os.O_RDWR)
+        try:
+            kernel_fallocate(fd, flags, offset, length)
+            want = model(data, flags, offset, length)
+            assert os.fstat(fd).st_size == len(want), hex(flags)
+        finally:
+            os.close(fd)
+        assert os.stat(path).st_size == len(want), hex(flags)
+        assert contents(path) == want, hex(flags)
+    control_write(str(shared_mount.mountpoint), "drop_caches", "1")
+    for i, (flags, offset, length) in enumerate(KERNEL_CASES):
+        want = model(pattern(SIZE, i), flags, offset, length)
+        assert contents(os.path.join(work, f"f{i}")) == want, hex(flags)
+
+
+def test_kernel_refuses_collapse_and_insert(shared_mount: FuseMount, work: str) -> None:
+    """The FUSE driver never forwards them: EOPNOTSUPP, file untouched; the control
+    file still does them."""
     path = os.path.join(work, "f")
     make(path, pattern(4 * BS))
     fd = os.open(path, os.O_RDWR)
     try:
-        for mode in (0, KEEP, PUNCH | KEEP, ZERO, ZERO | KEEP, COLLAPSE, INSERT):
+        for mode in (COLLAPSE, INSERT, PUNCH):
             with pytest.raises(OSError, match="not supported") as e:
                 kernel_fallocate(fd, mode, BS, BS)
             assert e.value.errno == errno.EOPNOTSUPP, hex(mode)
         assert os.fstat(fd).st_size == 4 * BS
-        # glibc's posix_fallocate falls back to writing a zero byte per block.
-        os.posix_fallocate(fd, 0, 8 * BS)
-        assert os.fstat(fd).st_size == 8 * BS
-        assert os.pread(fd, 8 * BS, 0) == pattern(4 * BS) + bytes(4 * BS)
+        assert os.pread(fd, 5 * BS, 0) == pattern(4 * BS)
     finally:
         os.close(fd)
+
+
+def test_kernel_fallocate_errno(shared_mount: FuseMount, work: str) -> None:
+    """fusefs's own errors come back through fallocate(2) unchanged."""
+    path = os.path.join(work, "f")
+    make(path, pattern(BS))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError, match="too large") as e:
+            kernel_fallocate(fd, 0, 0, 1 << 53)  # past MAX_FILE_BLOCKS, not the kernel's limit
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(OSError, match="No space left") as e:
+            kernel_fallocate(fd, 0, 0, 1 << 30)  # a 64 MiB image: all or nothing
+        assert e.value.errno == errno.ENOSPC
+        assert os.fstat(fd).st_size == BS
+        assert os.pread(fd, 2 * BS, 0) == pattern(BS)
+    finally:
+        os.close(fd)
+    # A control file has no blocks to allocate.
+    control = os.open(shared_mount.path(".fusefs", "fallocate"), os.O_WRONLY)
+    try:
+        with pytest.raises(OSError, match="not supported") as e:
+            kernel_fallocate(control, 0, 0, BS)
+        assert e.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(control)
+    # ... and a refusal there does not turn fallocate(2) off for the mount.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        kernel_fallocate(fd, KEEP, 0, 2 * BS)
+    finally:
+        os.close(fd)
+
+
+def test_posix_fallocate_preallocates(shared_mount: FuseMount, work: str) -> None:
+    """One FUSE_FALLOCATE: unwritten extents that read as zeros, not written zeros."""
+    path = os.path.join(work, "f")
+    make(path, pattern(4 * BS))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 8 * BS)
+        assert os.fstat(fd).st_size == 8 * BS
+        assert os.pread(fd, 9 * BS, 0) == pattern(4 * BS) + bytes(4 * BS)
+        assert os.fstat(fd).st_blocks >= 8 * BS // 512
+    finally:
+        os.close(fd)
+
+
+def util_fallocate(*args: str) -> None:
+    done = subprocess.run(["fallocate", *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("fallocate") is None, reason="util-linux fallocate missing")
+def test_util_linux_fallocate(shared_mount: FuseMount, work: str) -> None:
+    """util-linux fallocate(1) -l, -n, -p, -z on the mount, bytes and sizes checked."""
+    path = os.path.join(work, "f")
+    data = pattern(SIZE)
+    make(path, data)
+    steps = [
+        (["-l", "64KiB"], 0, 0, 64 * 1024),  # allocate from 0: grows the file
+        (["-n", "-o", "64KiB", "-l", "32KiB"], KEEP, 64 * 1024, 32 * 1024),
+        (["-p", "-o", "5000", "-l", "9000"], PUNCH | KEEP, 5000, 9000),
+        (["-z", "-o", "60000", "-l", "10000"], ZERO, 60000, 10000),
+        (["-z", "-n", "-o", "1000", "-l", "200000"], ZERO | KEEP, 1000, 200000),
+    ]
+    for args, flags, offset, length in steps:
+        util_fallocate(*args, path)
+        data = model(data, flags, offset, length)
+        assert os.stat(path).st_size == len(data), args
+        assert contents(path) == data, args
+    # A new file, as fallocate(1) creates it.
+    fresh = os.path.join(work, "new")
+    util_fallocate("-l", "1MiB", fresh)
+    assert os.stat(fresh).st_size == 1 << 20
+    assert contents(fresh) == bytes(1 << 20)

@@ -131,6 +131,33 @@ async def test_rename_flags_pass_through(ops: FuseOperations) -> None:
     assert (await ops.lookup(ROOT_INO, b"b", CTX)).st_ino == a
 
 
+async def test_fallocate_reaches_the_core_and_invalidates_attributes(
+    ops: FuseOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    invalidated: list[tuple[int, bool]] = []
+
+    def invalidate(inode: int, attr_only: bool = False) -> None:
+        invalidated.append((inode, attr_only))
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", invalidate)
+    fi, entry = await ops.create(ROOT_INO, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    ino = entry.st_ino
+    assert await ops.write(fi.fh, 0, b"x" * 10000) == 10000
+    await ops.fallocate(ino, fi.fh, 0, 0, 20000)  # mode 0 past EOF grows the file
+    assert (await ops.getattr(ino, CTX)).st_size == 20000
+    assert invalidated == [(ino, True)]
+    await ops.fallocate(ino, fi.fh, 0x3, 0, 4096)  # PUNCH_HOLE | KEEP_SIZE
+    assert await ops.read(fi.fh, 0, 8192) == bytes(4096) + b"x" * 4096
+    assert (await ops.getattr(ino, CTX)).st_size == 20000
+    assert await fuse_errno(ops.fallocate(ino, fi.fh, 0x2, 0, 4096)) == errno.EOPNOTSUPP
+    assert await fuse_errno(ops.fallocate(ino, fi.fh, 0x9, 0, 4096)) == errno.EINVAL
+    assert await fuse_errno(ops.fallocate(ino, fi.fh, 0, 0, 0)) == errno.EINVAL
+    await ops.release(fi.fh)
+    assert len(invalidated) == 2  # after each success only
+    control = (await ops.lookup(ROOT_INO, CONTROL_NAME, CTX)).st_ino
+    assert await fuse_errno(ops.fallocate(control, control, 0, 0, 4096)) == errno.EOPNOTSUPP
+
+
 async def test_statfs(ops: FuseOperations) -> None:
     st = await ops.statfs(CTX)
     assert st.f_bsize == st.f_frsize == 4096

@@ -3,8 +3,8 @@ every mode, the fusefs control directory and the race readers.
 
 The target is any file.  If a directory above it holds ``.fusefs/dynamic_fault``
 the file is on a fusefs mount: fallocate goes through ``.fusefs/fallocate``
-(the kernel's fallocate(2) gives EOPNOTSUPP for every mode on FUSE, and
-COLLAPSE_RANGE/INSERT_RANGE never reach a FUSE filesystem), and
+(COLLAPSE_RANGE/INSERT_RANGE never reach a FUSE filesystem through the kernel,
+and one route for every mode keeps the runs comparable), and
 ``drop_caches``, the pagecache lock and the fault sites are there to use.
 Anywhere else fallocate is libc's ``fallocate(2)``; each mode is probed once, as
 xfstests fsx does, and a mode the filesystem refuses with EOPNOTSUPP is turned
