@@ -642,6 +642,12 @@ class Filesystem:
 
         await fallocate_inode(self, self.ns.get(ino), mode, offset, length)
 
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE (`io.seek`); the kernel answers the rest."""
+        from fusefs.io.seek import seek
+
+        return await seek(self, self._file(fh).inode, offset, whence)
+
     async def flush(self, fh: int) -> None:
         self._file(fh)
 

@@ -360,6 +360,14 @@ class FuseOperations(pyfuse3.Operations):
         self.invalidate_attr(inode)
 
     @errno_boundary
+    async def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
+        if self.control.owns(inode):
+            # Control files are empty: every offset is past EOF.  (ENOSYS would
+            # make the kernel stop asking for every file of the mount.)
+            raise FsError("lseek: a control file has no data", errno=errno.ENXIO)
+        return await self.fs.lseek(fh, offset, whence)
+
+    @errno_boundary
     async def release(self, fh: int) -> None:
         if self.control.owns(fh):
             self.control.release(fh)

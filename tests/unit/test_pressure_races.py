@@ -211,7 +211,7 @@ async def test_direct_write_keeps_dirty_pages_it_could_not_write_back(fs: Filesy
     REGISTRY.control("name blockdev_write enable")
     with pytest.raises(FsError) as e:
         await fs.write(dfh, 0, b"d" * BS)
-    assert e.value.errno == errno.EIO
+    assert e.value.code == errno.EIO
     REGISTRY.control("name blockdev_write disable")
     assert fs.cache.mappings[ino].pages[0].dirty
     assert await fs.read(fh, 0, BS) == b"b" * BS
