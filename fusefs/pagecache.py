@@ -362,10 +362,11 @@ class PageCache:
         """`insert` for a fill's pages (clean, ascending indices): returns the
         resident page at each index, the new one or one that got there first.
 
-        With ``keep`` the new pages stay resident even when the cache is over
-        its limit and only they are evictable (as `insert` does): a writer's
-        read-modify-write fill is about to dirty its page, and a page evicted
-        before that would take the write with it.
+        With ``keep`` room is made from older pages only, before the new ones
+        join the LRU (as `insert` does), and the cache stays over its limit
+        when there is not enough: a writer's read-modify-write fill is about to
+        dirty its page, and a page evicted before that would take the write
+        with it.
         """
         index = mapping.pages
         if not pages:

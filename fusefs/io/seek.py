@@ -5,7 +5,8 @@ exclusive -- buffered writes (which dirty pages over holes), truncate, every
 fallocate mode (punch, zero, collapse, insert), direct writes -- so the answer
 is one consistent state of the file, never a punch or a shift half done.  The
 pagecache lock is not needed: the answer reads the extent map and the page
-index without an ``await``.  Writeback, which takes no lock, may map a dirty
+index without an ``await`` (the race site ``seek_before_lookup`` sits just
+before, inside the lock).  Writeback, which takes no lock, may map a dirty
 page's block meanwhile; a page under writeback counts as data, so the answer
 is the same before and after it.
 
@@ -25,6 +26,7 @@ import os
 from typing import TYPE_CHECKING, Final
 
 from fusefs.errors import FsError, InvalidArgument
+from fusefs.faults import race_fault
 from fusefs.io.direct import blocks_for
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ async def seek(fs: Filesystem, inode: Inode, offset: int, whence: int) -> int:
     if inode.extents is None:
         raise InvalidArgument(f"lseek: inode {inode.ino} is not a regular file")
     async with inode.io_lock.shared():
+        # The window the shared lock keeps a punch, shift or truncate out of.
+        await race_fault("seek_before_lookup")
         size = inode.size
         if offset < 0 or offset >= size:
             raise FsError(

@@ -10,7 +10,6 @@ import ctypes
 import errno
 import mmap
 import os
-import shutil
 import subprocess
 import time
 
@@ -457,7 +456,6 @@ def util_fallocate(*args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(shutil.which("fallocate") is None, reason="util-linux fallocate missing")
 def test_util_linux_fallocate(shared_mount: FuseMount, work: str) -> None:
     """util-linux fallocate(1) -l, -n, -p, -z on the mount, bytes and sizes checked."""
     path = os.path.join(work, "f")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from .conftest import FuseMount, control_read, control_write, stats
+from .test_mount import read_file, write_file
 from .test_races_mounted import site_fired, wait_until
 
 pytestmark = pytest.mark.mount
@@ -52,20 +53,6 @@ def join_ok(t: threading.Thread) -> None:
         raise errors[0]
 
 
-def write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        assert os.pwrite(fd, data, 0) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def drop(mnt: FuseMount) -> None:
     control_write(mnt.mountpoint, "drop_caches", "1")
 
@@ -85,7 +72,7 @@ def check_everywhere(mnt: FuseMount, name: str, want: bytes) -> None:
 
 def test_drop_caches_between_fill_and_write(mnt: FuseMount) -> None:
     old = pattern(2 * BS, 1)
-    write_file(mnt.path("f"), old)
+    write_file(mnt.path("f"), old, fsync=True)
     drop(mnt)
     control_write(
         mnt.mountpoint, "dynamic_fault", "name buffered_write_after_fill delay 800 times 1"
@@ -107,7 +94,7 @@ def test_partial_write_into_a_cache_full_of_writeback(mnt: FuseMount) -> None:
     must keep its page."""
     mnt.remount("-o", "cache_size=1M")
     old = pattern(BS, 2)
-    write_file(mnt.path("b"), old)
+    write_file(mnt.path("b"), old, fsync=True)
     drop(mnt)
     arm(mnt, "name writeback_before_map delay 1500 times 1")
     fd = os.open(mnt.path("a"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -127,7 +114,7 @@ def test_partial_write_into_a_cache_full_of_writeback(mnt: FuseMount) -> None:
 def test_truncate_into_a_dirty_page_against_drop_caches(mnt: FuseMount) -> None:
     old = pattern(3 * BS, 4)
     new = pattern(BS, 5)
-    write_file(mnt.path("f"), old)
+    write_file(mnt.path("f"), old, fsync=True)
     drop(mnt)
     fd = os.open(mnt.path("f"), os.O_RDWR)
     try:
@@ -149,7 +136,7 @@ def test_truncate_into_a_dirty_page_against_drop_caches(mnt: FuseMount) -> None:
 def test_cache_size_control_shrinks_and_grows_the_cache(mnt: FuseMount) -> None:
     assert control_read(mnt.mountpoint, "cache_size") == f"{64 << 20}\n"
     data = pattern(4 << 20, 6)
-    write_file(mnt.path("f"), data)
+    write_file(mnt.path("f"), data, fsync=True)
     assert read_file(mnt.path("f")) == data
     assert int(stats(mnt.mountpoint)["cache_pages"]) >= 1024
     control_write(mnt.mountpoint, "cache_size", "1M")  # clean pages over 1 MiB go at once

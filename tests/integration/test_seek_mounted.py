@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -43,7 +42,6 @@ def test_seek_data_and_hole_see_dirty_pages_and_holes(mnt: FuseMount) -> None:
         os.close(fd)
 
 
-@pytest.mark.skipif(shutil.which("cp") is None, reason="no cp")
 def test_cp_sparse_keeps_holes(mnt: FuseMount) -> None:
     src, dst = mnt.path("src"), mnt.path("dst")
     with open(src, "wb") as f:

@@ -9,8 +9,11 @@ import os
 import random
 
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
 from fusefs.errors import FsError
+from fusefs.faults import REGISTRY
 from fusefs.filesystem import Filesystem
 from fusefs.io.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from fusefs.namespace import ROOT_INO
@@ -27,6 +30,21 @@ def model_seek(data: list[bool], size: int, offset: int, whence: int) -> int | N
         if data[b] == (whence == DATA):
             return min(max(offset, b * BS), size)
     return None if whence == DATA else size
+
+
+async def check_seeks(
+    fs: Filesystem, fh: int, data: list[bool], size: int, offsets: list[int]
+) -> None:
+    """SEEK_DATA and SEEK_HOLE from each offset agree with `model_seek`."""
+    for offset in offsets:
+        for whence in (DATA, HOLE):
+            want = model_seek(data, size, offset, whence)
+            if want is None:
+                with pytest.raises(FsError) as e:
+                    await fs.lseek(fh, offset, whence)
+                assert e.value.code == errno.ENXIO
+            else:
+                assert await fs.lseek(fh, offset, whence) == want, (offset, whence)
 
 
 async def layout(fs: Filesystem) -> tuple[int, int]:
@@ -50,15 +68,7 @@ async def test_seek_data_and_hole_follow_the_map_and_the_cache(fs: Filesystem) -
     fh, _ = await layout(fs)
     data = [True, False, True, False, True, False, False, True]
     size = 7 * BS + 100
-    for offset in [*range(0, size, 1000), size - 1, size, size + 5000]:
-        for whence in (DATA, HOLE):
-            want = model_seek(data, size, offset, whence)
-            if want is None:
-                with pytest.raises(FsError) as e:
-                    await fs.lseek(fh, offset, whence)
-                assert e.value.code == errno.ENXIO
-            else:
-                assert await fs.lseek(fh, offset, whence) == want, (offset, whence)
+    await check_seeks(fs, fh, data, size, [*range(0, size, 1000), size - 1, size, size + 5000])
     # Written back, the dirty pages stay data (now mapped and written).
     await fs.fsync(fh, False)
     await fs.drop_caches()
@@ -97,14 +107,35 @@ async def test_seek_matches_the_model(fs: Filesystem, seed: int) -> None:
         if rng.random() < 0.3:
             await fs.fsync(fh, False)
             await fs.drop_caches()
-    for offset in [rng.randint(0, 34 * BS) for _ in range(8)]:
-        for whence in (DATA, HOLE):
-            want = model_seek(data, size, offset, whence)
-            if want is None:
-                with pytest.raises(FsError) as e:
-                    await fs.lseek(fh, offset, whence)
-                assert e.value.code == errno.ENXIO
-            else:
-                assert await fs.lseek(fh, offset, whence) == want, (offset, whence)
+    await check_seeks(fs, fh, data, size, [rng.randint(0, 34 * BS) for _ in range(8)])
     fs.cache.check()
+    await fs.release(fh)
+
+
+async def test_seek_sees_the_file_before_or_after_a_punch_never_during(fs: Filesystem) -> None:
+    """A SEEK_DATA held in its window while a punch of its data is asked for:
+    the punch waits for the shared inode lock, so the answer is the file
+    before the punch, and the punch then happens."""
+    fh, ino = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    await fs.write(fh, 0, b"a" * 2 * BS)
+    await fs.fsync(fh, False)
+    REGISTRY.control("name seek_before_lookup delay 200 times 1")
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def seek() -> None:
+            order.append(f"seek {await fs.lseek(fh, 0, DATA)}")
+
+        async def punch() -> None:
+            await fs.fallocate(ino.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 2 * BS)
+            order.append("punched")
+
+        nursery.start_soon(seek)
+        await wait_all_tasks_blocked()
+        assert REGISTRY.site("seek_before_lookup").fired == 1
+        nursery.start_soon(punch)
+    assert order == ["seek 0", "punched"]
+    with pytest.raises(FsError) as e:
+        await fs.lseek(fh, 0, DATA)
+    assert e.value.code == errno.ENXIO
     await fs.release(fh)
