@@ -67,10 +67,13 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, NamedTuple, final
+from typing import TYPE_CHECKING, Final, NamedTuple, final
 
 from fusefs.errors import ExtentError
 from fusefs.genradix import GenRadix, GenRadixStatistics
+
+if TYPE_CHECKING:
+    from fusefs.journal import Tracker
 
 __all__ = [
     "MAX_EXTENT_BLOCKS",
@@ -138,7 +141,10 @@ class ExtentMap:
     """One inode's map from logical blocks to physical blocks."""
 
     __slots__ = (
+        "_changed_hi",
+        "_changed_lo",
         "_fanout_mask",
+        "_ino",
         "_leaf",
         "_mapped",
         "_mask",
@@ -146,6 +152,7 @@ class ExtentMap:
         "_radix",
         "_rpp",
         "_shift",
+        "_track",
         "_zero",
     )
 
@@ -159,6 +166,10 @@ class ExtentMap:
         self._fanout_mask: Final = page_size // 8 - 1
         self._zero: Final = bytes(page_size)
         self._mapped = 0
+        self._changed_lo = MAX_FILE_BLOCKS
+        self._changed_hi = 0
+        self._track: Tracker | None = None
+        self._ino = 0
 
     def __repr__(self) -> str:
         return (
@@ -265,6 +276,7 @@ class ExtentMap:
     def map(self, lblk: int, pblk: int, n: int, unwritten: bool = False) -> None:
         """Map [lblk, lblk + n) to [pblk, pblk + n); the range must be a hole."""
         _check_range("map", lblk, n)
+        self._note(lblk, lblk + n)
         if not 0 <= pblk <= MAX_PHYS_BLOCKS - n:
             raise ExtentError(f"map: physical range [{pblk}, {pblk + n}) out of range")
         end = lblk + n
@@ -298,6 +310,7 @@ class ExtentMap:
         """
         _check_range("unmap", lblk, n)
         end = lblk + n
+        self._note(lblk, end)
         runs = list(self._runs(lblk, end))
         if not runs:
             return []
@@ -329,6 +342,7 @@ class ExtentMap:
         """Clear the unwritten flag of every mapped block in [lblk, lblk + n)."""
         _check_range("mark_written", lblk, n)
         end = lblk + n
+        self._note(lblk, end)
         fix: list[int] = []
         for s, p, k, uw in list(self._runs(lblk, end)):
             if not uw:
@@ -351,6 +365,7 @@ class ExtentMap:
         """
         _check_range("shift_left", lblk, n)
         end = lblk + n
+        self._note(lblk, MAX_FILE_BLOCKS)
         hit = self._next_mapped(lblk, end)
         if hit < end:
             raise ExtentError(f"shift_left: block {hit} in [{lblk}, {end}) is still mapped")
@@ -364,6 +379,7 @@ class ExtentMap:
         MAX_FILE_BLOCKS raises ExtentError and changes nothing.
         """
         _check_range("shift_right", lblk, n)
+        self._note(lblk, MAX_FILE_BLOCKS)
         last = self._prev_mapped(MAX_FILE_BLOCKS)
         if last < lblk:
             return
@@ -389,6 +405,7 @@ class ExtentMap:
 
     def clear(self) -> None:
         """Forget every mapping (the caller frees the blocks)."""
+        self._note(0, MAX_FILE_BLOCKS)
         self._radix.free()
         self._mapped = 0
 
@@ -419,6 +436,51 @@ class ExtentMap:
         for lblk, pblk, n, unwritten in runs:
             em.map(lblk, pblk, n, unwritten)
         return em
+
+    # ------------------------------------------------------ change tracking
+
+    def track(self, tracker: Tracker | None, ino: int) -> None:
+        """Report changes to ``tracker`` as inode ``ino``'s (None: stop)."""
+        self._track = tracker
+        self._ino = ino
+
+    def _note(self, lo: int, hi: int) -> None:
+        if lo < self._changed_lo:
+            self._changed_lo = lo
+        if hi > self._changed_hi:
+            self._changed_hi = hi
+        if self._track is not None:
+            self._track.extents.add(self._ino)
+
+    def take_changes(self) -> tuple[int, int] | None:
+        """The range [lo, hi) of logical blocks that may have changed since the
+        last call (None: nothing did), and start over.  Conservative: a shift
+        reports everything from its offset on."""
+        lo, hi = self._changed_lo, self._changed_hi
+        self._changed_lo, self._changed_hi = MAX_FILE_BLOCKS, 0
+        return (lo, hi) if lo < hi else None
+
+    def runs_in(self, lo: int, hi: int) -> list[tuple[int, int, int, bool]]:
+        """The runs inside [lo, hi), clipped to it: ``(lblk, pblk, n, unwritten)``."""
+        out: list[tuple[int, int, int, bool]] = []
+        for s, p, k, uw in self._runs(lo, hi):
+            a, b = max(s, lo), min(s + k, hi)
+            if out:
+                ls, lp, lk, luw = out[-1]
+                if ls + lk == a and lp + lk == p + a - s and luw == uw:
+                    out[-1] = (ls, lp, lk + b - a, uw)
+                    continue
+            out.append((a, p + a - s, b - a, uw))
+        return out
+
+    def replace_range(self, lo: int, hi: int, runs: Iterable[tuple[int, int, int, bool]]) -> None:
+        """Make [lo, hi) hold exactly ``runs`` (journal replay)."""
+        if lo < hi:
+            self.unmap(lo, min(hi, MAX_FILE_BLOCKS) - lo)
+        for lblk, pblk, n, unwritten in runs:
+            if not (lo <= lblk and lblk + n <= hi):
+                raise ExtentError(f"replace_range: run {lblk}+{n} outside [{lo}, {hi})")
+            self.map(lblk, pblk, n, unwritten)
 
     # ------------------------------------------------------------ internals
 

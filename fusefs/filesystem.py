@@ -43,7 +43,6 @@ from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, load_checkpoint
 from fusefs.errors import (
-    Corrupt,
     FsError,
     InvalidArgument,
     IOFailure,
@@ -52,13 +51,13 @@ from fusefs.errors import (
 )
 from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.faults import REGISTRY, dynamic_fault, race_fault
-from fusefs.format import FIRST_DATA_BLOCK, VERSION, normalize_runs, parse_size, probe_block_size
+from fusefs.format import normalize_runs, parse_size, probe_block_size
 from fusefs.inode import Inode, now_ns
 from fusefs.io import buffered, direct
 from fusefs.io.readahead import ReadaheadState
 from fusefs.io.truncate import truncate as truncate_inode
 from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
-from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
+from fusefs.namespace import NAME_MAX, Namespace, Unlinked
 from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
 
 log = logging.getLogger(__name__)
@@ -234,21 +233,18 @@ class Filesystem:
     @classmethod
     def _load(cls, dev: BlockDevice, options: MountOptions) -> Filesystem:
         loaded = load_checkpoint(dev)
-        state = loaded.state
-        inodes: dict[int, Inode] = {}
-        try:
-            for rec in state["inodes"]:
-                inode = Inode.from_record(rec)
-                inodes[inode.ino] = inode
-            next_ino = int(state["next_ino"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise Corrupt(f"checkpoint body: bad inode table ({e})") from None
-        if ROOT_INO not in inodes or not inodes[ROOT_INO].is_dir:
-            raise Corrupt("checkpoint body: no root directory")
-        used = list(mapped_runs(inodes.values())) + list(loaded.runs)
-        alloc = Allocator.from_used(loaded.superblock.device_blocks, FIRST_DATA_BLOCK, used)
+        sb = loaded.superblock
+        used = list(mapped_runs(loaded.inodes.values())) + list(loaded.runs)
+        alloc = Allocator.from_used(sb.device_blocks, sb.first_data_block, used)
         committer = Committer(dev, alloc, loaded)
-        return cls(dev, alloc, Namespace(inodes, next_ino), committer, options)
+        if loaded.journal.entries or loaded.journal.torn:
+            log.info(
+                "mount: replayed %d journal entr%s%s",
+                loaded.journal.entries,
+                "y" if loaded.journal.entries == 1 else "ies",
+                "; dropped a torn entry at its end" if loaded.journal.torn else "",
+            )
+        return cls(dev, alloc, Namespace(loaded.inodes, loaded.next_ino), committer, options)
 
     async def _recover(self) -> None:
         """Reclaim orphans left by a daemon that died with unlinked files open."""
@@ -256,7 +252,7 @@ class Filesystem:
             raise IOFailure("mount: injected error during recovery")
         orphans = [i for i in self.ns.inodes.values() if i.nlink == 0]
         for inode in orphans:
-            del self.ns.inodes[inode.ino]
+            self.ns.remove(inode)
             await self._free_blocks(inode)
         if orphans:
             log.info("recovery: reclaimed %d orphan inode(s)", len(orphans))
@@ -325,26 +321,29 @@ class Filesystem:
 
     # commit:
 
-    def _snapshot(self) -> dict[str, Any]:
-        inodes = list(self.ns.inodes.values())
-        return {
-            "format": VERSION,
-            "next_ino": self.ns.next_ino,
-            "generation": 1,
-            "inodes": [i.to_record() for i in inodes],
-            "used": [list(r) for r in mapped_runs(inodes)],
-        }
-
     async def commit(self) -> None:
-        """Make every change so far durable (DESIGN §6)."""
+        """Make every change so far durable (DESIGN §6): one journal entry."""
         self._check_writable()
         self.dirty = False
         try:
-            await self.committer.commit(self._snapshot)
+            await self.committer.commit(self.ns)
         except FsError as e:
             self.dirty = True
             self._go_read_only(f"commit failed: {e}")
             raise IOFailure(f"commit failed: {e}") from e
+        if self.committer.wants_checkpoint:
+            self.spawn(self.checkpoint())
+
+    async def checkpoint(self) -> None:
+        """Write a checkpoint so the journal's older entries can be reused
+        (started by `commit` when the journal is half full; runs beside requests)."""
+        if self.read_only:
+            return
+        try:
+            await self.committer.checkpoint(self.ns)
+        except FsError as e:
+            self._go_read_only(f"checkpoint failed: {e}")
+            log.error("checkpoint failed: %s", e)
 
     def _go_read_only(self, reason: str) -> None:
         if not self.read_only:
@@ -686,7 +685,7 @@ class Filesystem:
         inode = handle.inode
         inode.open_count -= 1
         if inode.nlink == 0 and inode.open_count == 0 and inode.ino in self.ns.inodes:
-            del self.ns.inodes[inode.ino]
+            self.ns.remove(inode)
             await self._free_blocks(inode)
             self.mark_changed()
 
@@ -806,7 +805,13 @@ class Filesystem:
             "blocks_allocated": st.allocated,
             "blocks_deferred": st.deferred,
             "commits": self.committer.commits,
-            "checkpoint_bytes": self.committer.last_commit_bytes,
+            "journal_entries": self.committer.entries,
+            "journal_used_blocks": self.committer.journal_used,
+            "journal_blocks": self.committer.ring,
+            "commit_bytes": self.committer.last_commit_bytes,
+            "checkpoints": self.committer.checkpoints,
+            "full_checkpoints": self.committer.full_checkpoints,
+            "checkpoint_bytes": self.committer.last_checkpoint_bytes,
             "dirty": int(self.dirty),
             "read_only": int(self.read_only),
             "dev_reads": dev.reads,

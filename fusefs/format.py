@@ -1,22 +1,35 @@
-"""The on-disk format: superblocks, checkpoint header, checkpoint body, mkfs.
+"""The on-disk format: superblocks, the metadata journal, checkpoints, mkfs.
 
-Layout of an image of N blocks::
+Layout of an image of N blocks (format version 2)::
 
-    block 0, 1      superblock copies A and B (a commit writes the copy that
-                    does not hold the current state, so a torn superblock write
-                    leaves the other one intact)
-    block 2 ...     data and checkpoint blocks, handed out by the allocator
+    block 0, 1        superblock copies A and B: a checkpoint writes the copy
+                      that does not hold the current state, so a torn superblock
+                      write leaves the other one intact
+    block 2 .. 2+J-1  the journal: a ring of J blocks holding one entry per
+                      commit (`JournalEntryHeader` + a compressed payload of
+                      what changed), sequence-numbered and checksummed
+    block 2+J ...     data and checkpoint blocks, handed out by the allocator
 
-A superblock names the *checkpoint header* block; the header lists the runs of
-blocks that hold the checkpoint body, with its length and checksum.  The body is
-zlib-compressed JSON: the inode table (attributes, xattrs, directory entries,
-symlink targets, extent runs) and the runs of data blocks in use.  Everything
-read back is checksummed (CRC32 from zlib): a superblock, a header or a body that
-fails its checksum is corruption, and mount refuses it with a one-line reason.
+A superblock names the current *checkpoint header* block and the journal's
+*tail*: the ring position and sequence number of the first entry to replay on
+top of that checkpoint.  The header lists the runs of blocks holding the
+checkpoint *index* (its length and checksum); the index lists the checkpoint's
+*chunks*, each a compressed JSON list of whole inode records (attributes,
+xattrs, directory entries, symlink target, extent runs) with its own runs,
+length and checksum.  Chunks are written a few thousand inodes at a time,
+between requests, while the filesystem keeps changing: a checkpoint is *fuzzy*,
+and what changed while it was written is in the journal from its tail on.
 
-Mount picks the valid superblock with the highest sequence number.  A commit
-never overwrites a block the current checkpoint uses (DESIGN §6), so a power cut
-at any point leaves one complete, consistent state on disk.
+Every journal record sets a piece of state to its value at commit time (an
+inode's attributes, one directory entry, a range of one file's extent map, an
+inode's removal), never a difference, so replaying a record twice or on top of
+a newer chunk gives the same result: mount loads the checkpoint, then applies
+the entries from the tail while their sequence numbers follow on and their
+checksums hold.  The first entry that fails either ends the journal (a torn
+tail, dropped).  Checksums are CRC32 seeded with the filesystem's uuid, so an
+entry left by an earlier filesystem on the same blocks never passes.
+Block usage is not stored: it is the union of the extent maps and the
+metadata blocks, rebuilt at mount.
 """
 
 from __future__ import annotations
@@ -37,27 +50,44 @@ from typing import Any
 from fusefs.errors import Corrupt, Exists, InUse, InvalidArgument, NotFound
 
 MAGIC = b"FUSEFS\x00\x01"
-CHECKPOINT_MAGIC = b"FSCKPT\x00\x01"
-VERSION = 1
+CHECKPOINT_MAGIC = b"FSCKPT\x00\x02"
+JOURNAL_MAGIC = b"FSJRNL\x00\x02"
+VERSION = 2
 SUPERBLOCK_BLOCKS = (0, 1)
-FIRST_DATA_BLOCK = 2
+JOURNAL_START = 2
 
 MIN_BLOCK_SIZE = 1024
 MAX_BLOCK_SIZE = 65536
 MIN_BLOCKS = 64
 MAX_BLOCKS = 1 << 32
+MIN_JOURNAL_BLOCKS = 8
+MAX_JOURNAL_BYTES = 64 << 20
 
 # magic, version, block size, device blocks, sequence, checkpoint header block,
-# header checksum, uuid, creation time (ns), flags; then a CRC32 of all that.
-_SB = struct.Struct("<8sIIQQQI16sQI")
+# header checksum, uuid, creation time (ns), flags, journal blocks, journal tail
+# position, journal tail sequence; then a CRC32 of all that.
+_SB = struct.Struct("<8sIIQQQI16sQIIIQ")
 _SB_CRC = struct.Struct("<I")
-# magic, sequence, body length, body checksum, number of runs; runs follow.
+# magic, sequence, index length, index checksum, number of runs; runs follow.
 _HDR = struct.Struct("<8sQQII")
 _RUN = struct.Struct("<QI")
+# magic, sequence, blocks, payload length, payload checksum; then the header's
+# checksum.  The payload follows the header in the entry's first block.
+_JE = struct.Struct("<8sQIII")
+_JE_CRC = struct.Struct("<I")
+JOURNAL_HEADER_SIZE = _JE.size + _JE_CRC.size
 
 
-def crc32(data: bytes | bytearray | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def crc32(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
+    return zlib.crc32(data, seed) & 0xFFFFFFFF
+
+
+def journal_blocks_for(device_blocks: int, block_size: int) -> int:
+    """The journal's size for a new image: 1/64 of it, at least
+    `MIN_JOURNAL_BLOCKS`, at most 64 MiB, never more than a quarter of it."""
+    want = max(device_blocks // 64, MIN_JOURNAL_BLOCKS)
+    want = min(want, MAX_JOURNAL_BYTES // block_size, device_blocks // 4)
+    return max(want, MIN_JOURNAL_BLOCKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +100,19 @@ class Superblock:
     uuid: bytes
     created_ns: int
     flags: int = 0
+    journal_blocks: int = MIN_JOURNAL_BLOCKS
+    tail_pos: int = 0  # ring position (0 .. journal_blocks-1) of the first entry to replay
+    tail_seq: int = 1  # its sequence number
     version: int = VERSION
+
+    @property
+    def first_data_block(self) -> int:
+        return JOURNAL_START + self.journal_blocks
+
+    @property
+    def seed(self) -> int:
+        """The checksum seed of this filesystem's journal entries."""
+        return crc32(self.uuid)
 
     def pack(self, block_size: int) -> bytes:
         body = _SB.pack(
@@ -84,6 +126,9 @@ class Superblock:
             self.uuid,
             self.created_ns,
             self.flags,
+            self.journal_blocks,
+            self.tail_pos,
+            self.tail_seq,
         )
         body += _SB_CRC.pack(crc32(body))
         return body.ljust(block_size, b"\0")
@@ -93,21 +138,29 @@ class Superblock:
         """Decode a superblock; raise Corrupt with the reason when it is not one."""
         if len(raw) < _SB.size + _SB_CRC.size:
             raise Corrupt("superblock: short read")
+        if raw[: len(MAGIC)] != MAGIC:
+            raise Corrupt("not a fusefs image (bad magic)")
+        (version,) = struct.unpack_from("<I", raw, len(MAGIC))
+        if version != VERSION:
+            raise Corrupt(
+                f"unsupported format version {version} (this fusefs reads version "
+                f"{VERSION}; make a new image with fusefs mkfs)"
+            )
         body = raw[: _SB.size]
         (stored,) = _SB_CRC.unpack_from(raw, _SB.size)
-        fields = _SB.unpack(body)
-        if fields[0] != MAGIC:
-            raise Corrupt("not a fusefs image (bad magic)")
         if stored != crc32(body):
             raise Corrupt("superblock checksum mismatch")
-        _, version, bs, blocks, seq, cp, cp_crc, uid, created, flags = fields
-        if version != VERSION:
-            raise Corrupt(f"unsupported format version {version}")
+        fields = _SB.unpack(body)
+        _, version, bs, blocks, seq, cp, cp_crc, uid, created, flags, jblocks, tpos, tseq = fields
         if not (MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE) or bs & (bs - 1):
             raise Corrupt(f"superblock: bad block size {bs}")
-        if not (FIRST_DATA_BLOCK <= cp < blocks):
-            raise Corrupt(f"superblock: checkpoint block {cp} outside the device")
-        return cls(bs, blocks, seq, cp, cp_crc, uid, created, flags, version)
+        if jblocks < MIN_JOURNAL_BLOCKS or JOURNAL_START + jblocks >= blocks:
+            raise Corrupt(f"superblock: journal of {jblocks} blocks does not fit the device")
+        if not (JOURNAL_START + jblocks <= cp < blocks):
+            raise Corrupt(f"superblock: checkpoint block {cp} outside the data area")
+        if tpos >= jblocks:
+            raise Corrupt(f"superblock: journal tail {tpos} outside the journal")
+        return cls(bs, blocks, seq, cp, cp_crc, uid, created, flags, jblocks, tpos, tseq, version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +185,7 @@ class CheckpointHeader:
         return bytes(out.ljust(block_size, b"\0"))
 
     @classmethod
-    def unpack(cls, raw: bytes, device_blocks: int) -> CheckpointHeader:
+    def unpack(cls, raw: bytes, first_data: int, device_blocks: int) -> CheckpointHeader:
         magic, seq, length, crc, nruns = _HDR.unpack_from(raw, 0)
         if magic != CHECKPOINT_MAGIC:
             raise Corrupt("checkpoint header: bad magic")
@@ -141,12 +194,45 @@ class CheckpointHeader:
         runs = []
         for i in range(nruns):
             pblk, count = _RUN.unpack_from(raw, _HDR.size + i * _RUN.size)
-            if pblk < FIRST_DATA_BLOCK or count == 0 or pblk + count > device_blocks:
-                raise Corrupt(f"checkpoint header: run {pblk}+{count} outside the device")
+            check_run("checkpoint header", pblk, count, first_data, device_blocks)
             runs.append((pblk, count))
         if length > sum(c for _, c in runs) * len(raw):
-            raise Corrupt("checkpoint header: body longer than its blocks")
+            raise Corrupt("checkpoint header: index longer than its blocks")
         return cls(seq, length, crc, tuple(runs))
+
+
+def check_run(what: str, pblk: int, count: int, first_data: int, device_blocks: int) -> None:
+    if pblk < first_data or count <= 0 or pblk + count > device_blocks:
+        raise Corrupt(f"{what}: run {pblk}+{count} outside the data area")
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntryHeader:
+    """The head of one journal entry (one commit)."""
+
+    seq: int
+    blocks: int  # blocks the entry covers, header included
+    length: int  # payload bytes
+    crc: int  # payload checksum (seeded)
+
+    def pack(self, seed: int) -> bytes:
+        body = _JE.pack(JOURNAL_MAGIC, self.seq, self.blocks, self.length, self.crc)
+        return body + _JE_CRC.pack(crc32(body, seed))
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray | memoryview, seed: int) -> JournalEntryHeader | None:
+        """The header at the start of ``raw``, or None if there is none (a block
+        never written, an earlier lap's payload, a torn header)."""
+        body = bytes(raw[: _JE.size])
+        if body[: len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
+            return None
+        (stored,) = _JE_CRC.unpack_from(raw, _JE.size)
+        if stored != crc32(body, seed):
+            return None
+        _, seq, blocks, length, crc = _JE.unpack(body)
+        if blocks < 1 or length > blocks * len(raw) - JOURNAL_HEADER_SIZE:
+            return None
+        return cls(seq, blocks, length, crc)
 
 
 def normalize_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -160,25 +246,22 @@ def normalize_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def encode_body(state: dict[str, Any]) -> bytes:
-    """Serialize a checkpoint body (the namespace and block usage)."""
-    text = json.dumps(state, separators=(",", ":"), ensure_ascii=True)
+def encode_blob(obj: Any) -> bytes:
+    """Serialize a checkpoint chunk, index or journal payload."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
     return zlib.compress(text.encode("ascii"), 1)
 
 
-def decode_body(raw: bytes) -> dict[str, Any]:
+def decode_blob(raw: bytes, what: str) -> Any:
     try:
-        state = json.loads(zlib.decompress(raw).decode("ascii"))
+        return json.loads(zlib.decompress(raw).decode("ascii"))
     except (zlib.error, UnicodeDecodeError, ValueError) as e:
-        raise Corrupt(f"checkpoint body undecodable: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != VERSION:
-        raise Corrupt("checkpoint body: wrong format")
-    return state
+        raise Corrupt(f"{what} undecodable: {e}") from None
 
 
-def empty_state(now_ns: int, uid: int, gid: int) -> dict[str, Any]:
-    """The checkpoint body of a new filesystem: an empty root directory."""
-    root = {
+def root_record(now_ns: int, uid: int, gid: int) -> dict[str, Any]:
+    """The inode record of a new filesystem's empty root directory."""
+    return {
         "ino": 1,
         "mode": 0o40755,
         "uid": uid,
@@ -193,7 +276,6 @@ def empty_state(now_ns: int, uid: int, gid: int) -> dict[str, Any]:
         "parent": 1,
         "entries": {},
     }
-    return {"format": VERSION, "next_ino": 2, "generation": 2, "inodes": [root], "used": []}
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
@@ -250,21 +332,42 @@ def mkfs(
         if not force:
             _refuse_to_overwrite(fd, path)
         now = time.time_ns()
-        body = encode_body(empty_state(now, os.getuid(), os.getgid()))
-        body_blocks = -(-len(body) // block_size)
-        header_blk = FIRST_DATA_BLOCK
-        body_start = FIRST_DATA_BLOCK + 1
-        header = CheckpointHeader(1, len(body), crc32(body), ((body_start, body_blocks),))
+        jblocks = journal_blocks_for(blocks, block_size)
+        header_blk = JOURNAL_START + jblocks
+        chunk = encode_blob([root_record(now, os.getuid(), os.getgid())])
+        chunk_blocks = -(-len(chunk) // block_size)
+        chunk_start = header_blk + 1
+        index = encode_blob(
+            {
+                "format": VERSION,
+                "next_ino": 2,
+                "chunks": [[[[chunk_start, chunk_blocks]], len(chunk), crc32(chunk)]],
+            }
+        )
+        index_blocks = -(-len(index) // block_size)
+        index_start = chunk_start + chunk_blocks
+        if index_start + index_blocks > blocks:
+            raise InvalidArgument("size too small for the first checkpoint")
+        header = CheckpointHeader(1, len(index), crc32(index), ((index_start, index_blocks),))
         hdr_raw = header.pack(block_size)
-        sb = Superblock(block_size, blocks, 1, header_blk, crc32(hdr_raw), uuid.uuid4().bytes, now)
+        sb = Superblock(
+            block_size,
+            blocks,
+            1,
+            header_blk,
+            crc32(hdr_raw),
+            uuid.uuid4().bytes,
+            now,
+            journal_blocks=jblocks,
+        )
         os.ftruncate(fd, 0)
         os.ftruncate(fd, blocks * block_size)
         os.pwrite(fd, hdr_raw, header_blk * block_size)
-        os.pwrite(fd, body.ljust(body_blocks * block_size, b"\0"), body_start * block_size)
+        os.pwrite(fd, chunk.ljust(chunk_blocks * block_size, b"\0"), chunk_start * block_size)
+        os.pwrite(fd, index.ljust(index_blocks * block_size, b"\0"), index_start * block_size)
         os.fsync(fd)
-        # Both copies hold the first state: the first commit overwrites one of
-        # them (the one its sequence number picks), and the other must survive
-        # that write being torn.
+        # Both copies hold the first state: the first checkpoint overwrites one
+        # of them, and the other must survive that write being torn.
         for blk in SUPERBLOCK_BLOCKS:
             os.pwrite(fd, sb.pack(block_size), blk * block_size)
         os.fsync(fd)

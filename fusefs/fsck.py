@@ -2,15 +2,17 @@
 
 Checks, in order:
 
-1. both superblock copies (a stale one is fine, and so is a blank copy B of an
-   image made before mkfs wrote both; a damaged one is an error, which --repair
-   fixes by writing the current superblock over it), the checkpoint header and
-   body checksums;
-2. the inode table decodes, the root is a directory, every extent lies inside
+1. both superblock copies (a stale one is fine; a damaged one is an error,
+   which --repair fixes by writing the current superblock over it), the
+   checkpoint's header, index and chunk checksums;
+2. the journal replays: entries from the tail while their sequence numbers
+   follow on; a torn last entry is a note (the commit it held never finished),
+   a damaged entry with valid ones after it is an error (`load_checkpoint`
+   refuses it, exit 8);
+3. the inode table decodes, the root is a directory, every extent lies inside
    the data area, no block is mapped twice (by two files, or by a file and the
-   checkpoint itself);
-3. the stored block usage equals the union of all mappings — the allocator's
-   free space is exactly their complement;
+   metadata: journal and checkpoint) -- block usage is not stored, it is
+   rebuilt from the mappings at mount, so this is what keeps it right;
 4. every directory entry names an existing inode, link counts equal the number
    of entries naming the inode (directories: 2 + subdirectories), each
    directory's parent pointer matches the directory holding it;
@@ -33,7 +35,6 @@ import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -41,16 +42,9 @@ from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, Loaded, load_checkpoint
 from fusefs.errors import FsError
-from fusefs.format import (
-    FIRST_DATA_BLOCK,
-    SUPERBLOCK_BLOCKS,
-    VERSION,
-    Superblock,
-    normalize_runs,
-    probe_block_size,
-)
+from fusefs.format import SUPERBLOCK_BLOCKS, Superblock, normalize_runs, probe_block_size
 from fusefs.inode import Inode, now_ns
-from fusefs.namespace import ROOT_INO
+from fusefs.namespace import ROOT_INO, Namespace
 
 EXIT_CLEAN = 0
 EXIT_CORRECTED = 1
@@ -112,6 +106,7 @@ def fsck(path: str | os.PathLike[str], repair: bool = False) -> FsckResult:
             return FsckResult(EXIT_OPERATIONAL, [f"{path}: checkpoint unreadable: {e}"])
         check = _Check(repair)
         damaged = _check_superblocks(dev, loaded, check)
+        _note_journal(loaded, check)
         inodes = _check_inodes(loaded, check)
         if inodes is None:
             return check.result(EXIT_UNCORRECTED)
@@ -155,8 +150,6 @@ def _check_superblocks(dev: BlockDevice, loaded: Loaded, check: _Check) -> list[
     damaged = []
     for copy, blk in zip(_COPY_NAMES, SUPERBLOCK_BLOCKS, strict=True):
         raw = dev.read_sync(blk, 1)
-        if blk != SUPERBLOCK_BLOCKS[0] and not any(raw):
-            continue  # an image made before mkfs wrote both copies
         try:
             sb = Superblock.unpack(raw)
         except FsError as e:
@@ -188,26 +181,24 @@ def _rewrite_superblocks(dev: BlockDevice, loaded: Loaded, damaged: list[int]) -
     dev.flush_sync()
 
 
+def _note_journal(loaded: Loaded, check: _Check) -> None:
+    journal = loaded.journal
+    note = f"journal: {journal.entries} entries replayed, {journal.used} of "
+    note += f"{loaded.superblock.journal_blocks} blocks in use"
+    if journal.torn:
+        note += "; a torn last entry was dropped (its commit never finished)"
+    check.note(note)
+
+
 def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:
-    inodes: dict[int, Inode] = {}
-    for rec in loaded.state.get("inodes", []):
-        try:
-            inode = Inode.from_record(rec)
-        except (FsError, KeyError, TypeError, ValueError) as e:
-            check.error(f"inode record {rec.get('ino', '?')} undecodable: {e}", fixable=False)
-            return None
-        if inode.ino in inodes:
-            check.error(f"inode {inode.ino} appears twice", fixable=False)
-            return None
-        inodes[inode.ino] = inode
+    inodes = loaded.inodes
     root = inodes.get(ROOT_INO)
     if root is None or not root.is_dir:
         check.error("no root directory", fixable=False)
         return None
-    next_ino = int(loaded.state.get("next_ino", 0))
-    if inodes and next_ino <= max(inodes):
-        check.error(f"next inode number {next_ino} not above the largest in use")
-        loaded.state["next_ino"] = max(inodes) + 1
+    if inodes and loaded.next_ino <= max(inodes):
+        check.error(f"next inode number {loaded.next_ino} not above the largest in use")
+        loaded.next_ino = max(inodes) + 1
     return inodes
 
 
@@ -215,17 +206,18 @@ def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bo
     """Extents inside the device, nothing mapped twice, usage equal to the mappings."""
     changed = False
     blocks = loaded.superblock.device_blocks
+    first_data = loaded.superblock.first_data_block
     owner: dict[int, int] = {}
-    for pblk, n in loaded.runs:
+    for pblk, n in (*loaded.runs, loaded.journal_run):
         for b in range(pblk, pblk + n):
-            owner[b] = 0  # the checkpoint itself
+            owner[b] = 0  # the metadata itself
     for inode in sorted(inodes.values(), key=lambda i: i.ino):
         if inode.extents is None:
             continue
         bad: list[tuple[int, int]] = []
         for ext in list(inode.extents.extents()):
             assert ext.pblk is not None
-            if ext.pblk < FIRST_DATA_BLOCK or ext.pblk + ext.length > blocks:
+            if ext.pblk < first_data or ext.pblk + ext.length > blocks:
                 check.error(
                     f"inode {inode.ino}: extent {ext.start}+{ext.length} at block {ext.pblk} "
                     f"outside the data area"
@@ -236,7 +228,7 @@ def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bo
                 b = ext.pblk + i
                 other = owner.get(b)
                 if other is not None:
-                    what = "the checkpoint" if other == 0 else f"inode {other}"
+                    what = "the metadata" if other == 0 else f"inode {other}"
                     check.error(f"block {b} mapped by inode {inode.ino} and by {what}")
                     bad.append((ext.start + i, 1))
                 else:
@@ -245,15 +237,6 @@ def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bo
             for lblk, n in bad:
                 inode.extents.unmap(lblk, n)
             changed = True
-    mapped = normalize_runs([(b, 1) for b, o in owner.items() if o != 0])
-    stored = normalize_runs([(int(p), int(n)) for p, n in loaded.state.get("used", [])])
-    if mapped != stored:
-        check.error(
-            f"free space map disagrees with the mappings "
-            f"({sum(n for _, n in stored)} blocks recorded used, "
-            f"{sum(n for _, n in mapped)} mapped)"
-        )
-        changed = True
     return changed
 
 
@@ -357,23 +340,19 @@ def _lost_and_found(inodes: dict[int, Inode]) -> Inode:
 
 
 async def _write_repaired(dev: BlockDevice, loaded: Loaded, inodes: dict[int, Inode]) -> None:
+    """Write the repaired inode table as a new full checkpoint (the journal
+    empties: everything is in the checkpoint)."""
+    sb = loaded.superblock
     used: list[Run] = []
     for inode in inodes.values():
         if inode.extents is not None:
             used += [(e.pblk, e.length) for e in inode.extents.extents() if e.pblk is not None]
     alloc = Allocator.from_used(
-        loaded.superblock.device_blocks, FIRST_DATA_BLOCK, normalize_runs(used) + list(loaded.runs)
+        sb.device_blocks, sb.first_data_block, normalize_runs(used) + list(loaded.runs)
     )
     committer = Committer(dev, alloc, loaded)
-    next_ino = max(int(loaded.state.get("next_ino", 0)), max(inodes) + 1)
-    state: dict[str, Any] = {
-        "format": VERSION,
-        "next_ino": next_ino,
-        "generation": 1,
-        "inodes": [i.to_record() for i in inodes.values()],
-        "used": [list(r) for r in normalize_runs(used)],
-    }
-    await committer.commit(lambda: state)
+    next_ino = max(loaded.next_ino, max(inodes) + 1)
+    await committer.write_checkpoint(Namespace(inodes, next_ino))
 
 
 __all__ = ["FsckResult", "fsck"]

@@ -35,6 +35,7 @@ from fusefs.errors import (
 )
 from fusefs.extents import ExtentMap
 from fusefs.inode import Inode, now_ns
+from fusefs.journal import Changes, Tracker, collect
 
 ROOT_INO = 1
 NAME_MAX = 255
@@ -67,6 +68,25 @@ class Namespace:
     def __init__(self, inodes: dict[int, Inode], next_ino: int) -> None:
         self.inodes = inodes
         self.next_ino = next_ino
+        self.track = Tracker()
+        for inode in inodes.values():
+            self.track.adopt(inode)
+
+    # what a commit reads (`fusefs.commit.Source`):
+
+    def collect(self) -> Changes:
+        return collect(self.track, self.inodes, self.next_ino)
+
+    def inode_numbers(self) -> list[int]:
+        return list(self.inodes)
+
+    def inode(self, ino: int) -> Inode | None:
+        return self.inodes.get(ino)
+
+    def remove(self, inode: Inode) -> None:
+        """Take an inode without links or handles out of the table."""
+        del self.inodes[inode.ino]
+        self.track.removed(inode)
 
     # lookups:
 
@@ -123,6 +143,7 @@ class Namespace:
         elif stat.S_ISREG(mode):
             inode.extents = ExtentMap()
         self.inodes[ino] = inode
+        self.track.new(inode)
         return inode
 
     def _free_slot(self, parent: int, name: bytes) -> Inode:
@@ -179,10 +200,10 @@ class Namespace:
         inode.touch()
         return inode
 
-    @staticmethod
-    def _link_into(d: Inode, name: bytes, inode: Inode) -> None:
+    def _link_into(self, d: Inode, name: bytes, inode: Inode) -> None:
         assert d.entries is not None
         d.entries[name] = inode.ino
+        self.track.dirent(d.ino, name)
         d.touch(m=True)
 
     # removal:
@@ -193,7 +214,7 @@ class Namespace:
         inode.touch()
         unreferenced = inode.nlink == 0 and inode.open_count == 0
         if unreferenced:
-            del self.inodes[inode.ino]
+            self.remove(inode)
         return Unlinked(inode, unreferenced)
 
     def unlink(self, parent: int, name: bytes) -> Unlinked:
@@ -203,6 +224,7 @@ class Namespace:
             raise IsADirectory(f"{name!r} is a directory")
         assert d.entries is not None
         del d.entries[name]
+        self.track.dirent(d.ino, name)
         d.touch(m=True)
         return self._drop_link(inode)
 
@@ -219,6 +241,7 @@ class Namespace:
             raise NotEmpty(f"{name!r} is not empty")
         assert d.entries is not None
         del d.entries[name]
+        self.track.dirent(d.ino, name)
         d.nlink -= 1
         d.touch(m=True)
         return self._drop_link(inode)
@@ -282,6 +305,8 @@ class Namespace:
                 dst_dir.nlink -= 1
             replaced = self._drop_link(dst)
         dst_dir.entries[new_name] = src.ino
+        self.track.dirent(src_dir.ino, old_name)
+        self.track.dirent(dst_dir.ino, new_name)
         if src.is_dir and src_dir is not dst_dir:
             src.parent = dst_dir.ino
             src_dir.nlink -= 1
@@ -310,6 +335,8 @@ class Namespace:
         assert dst_dir.entries is not None
         src_dir.entries[old_name] = dst.ino
         dst_dir.entries[new_name] = src.ino
+        self.track.dirent(src_dir.ino, old_name)
+        self.track.dirent(dst_dir.ino, new_name)
         if src_dir is not dst_dir:
             if src.is_dir:
                 src.parent = dst_dir.ino

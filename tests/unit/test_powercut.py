@@ -3,8 +3,9 @@
 The in-process tests cut the power at every device event of a small fsyncing
 workload, in both modes, and require after each cut: fsck clean, and every file
 fsynced and not written after holding exactly its fsynced bytes.  Then they break
-the commit's ordering on purpose (the flush before the superblock write is
-skipped) and require the same harness to notice.
+the commit's ordering on purpose (the flush that makes file data durable
+before the journal entry mapping it is skipped) and require the same harness
+to notice.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import pytest
 
 import fusefs.powercut
 from fusefs.blockdev import BlockDevice
+from fusefs.commit import load_checkpoint
 from fusefs.errors import FsError, InvalidArgument
 from fusefs.filesystem import Filesystem, MountOptions
-from fusefs.format import SUPERBLOCK_BLOCKS, mkfs
+from fusefs.format import JOURNAL_START, SUPERBLOCK_BLOCKS, mkfs
 from fusefs.fsck import fsck
 from fusefs.namespace import ROOT_INO
 from fusefs.powercut import ENV_VAR, CutPlan, CutRecord, PowerCut, PowerOff, read_record
@@ -271,8 +273,28 @@ async def run_cut(
     return tracked, record
 
 
+POISON = b"\xee" * 64
+
+
+def poison_free_blocks(image: Path) -> None:
+    """Fill every block no metadata uses with a pattern no workload writes: a
+    file that shows it maps a block whose data never reached the disk."""
+    dev = BlockDevice(image, BS)
+    try:
+        loaded = load_checkpoint(dev)
+        taken = {b for p, n in (*loaded.runs, loaded.journal_run) for b in range(p, p + n)}
+        fill = POISON * (BS // len(POISON))
+        for blk in range(loaded.superblock.first_data_block, dev.blocks):
+            if blk not in taken:
+                dev.write_sync(blk, fill)
+        dev.flush_sync()
+    finally:
+        dev.close()
+
+
 async def check_after_cut(image: Path, tracked: Tracked) -> list[str]:
-    """fsck, recovery, then every fsynced file not written after must be exact."""
+    """fsck, recovery, then every fsynced file not written after must be exact,
+    and no file -- fsynced or not -- may show a block nobody wrote to it."""
     result = fsck(image)
     if result.exit_code != 0:
         return [f"fsck exit {result.exit_code}: {result.messages[:2]}"]
@@ -282,6 +304,16 @@ async def check_after_cut(image: Path, tracked: Tracked) -> list[str]:
         return [f"mount after the cut: {e}"]
     problems = []
     try:
+        for name in sorted(tracked.dirty):
+            try:
+                fh = await fs.open((await fs.lookup(ROOT_INO, name)).ino, os.O_RDONLY)
+            except FsError:
+                if name in tracked.durable:
+                    problems.append(f"{name!r}: fsynced, and gone")
+                continue  # its creation was not durable yet
+            if POISON in await fs.read(fh, 0, 4 * BS):
+                problems.append(f"{name!r}: shows a block whose data never reached the disk")
+            await fs.release(fh)
         for name, want in tracked.durable.items():
             if name in tracked.dirty:
                 continue
@@ -305,6 +337,7 @@ def fresh(tmp_path: Path) -> Callable[[str], Path]:
     def make(name: str) -> Path:
         path = tmp_path / f"{name}.img"
         mkfs(path, 8 << 20)
+        poison_free_blocks(path)
         return path
 
     return make
@@ -335,15 +368,19 @@ async def test_no_fsynced_byte_is_lost_at_any_cut(
 
 
 def skip_flush_before_superblock(fs: Filesystem) -> None:
-    """Break the commit protocol: skip every flush that has no superblock write
-    pending -- exactly the flush a commit makes before it flips the superblock."""
+    """Break the commit protocol: skip every flush that has no metadata write
+    (journal or superblock) pending -- exactly the flush a commit makes so that
+    file data is durable before the journal entry that maps it."""
     dev = fs.dev
     assert dev.powercut is not None
     powercut = dev.powercut
     flush: Callable[[], Awaitable[None]] = dev.flush
+    metadata = set(SUPERBLOCK_BLOCKS) | set(
+        range(JOURNAL_START, JOURNAL_START + fs.committer.ring)
+    )
 
     async def broken_flush() -> None:
-        if any(blk in SUPERBLOCK_BLOCKS for blk, _ in powercut._journal):
+        if any(blk in metadata for blk, _ in powercut._journal):
             await flush()
 
     dev.flush = broken_flush  # type: ignore[method-assign]
@@ -357,11 +394,12 @@ async def test_a_broken_commit_ordering_is_caught(
     assert record is not None
     caught = []
     for at in record.flush_events:
-        image = fresh(f"broken{at}")
-        tracked, cut = await run_cut(
-            image, f"at={at},mode=torn,seed={at}", monkeypatch, skip_flush_before_superblock
-        )
-        assert cut is not None
-        assert cut.cut_on == "flush"
-        caught += await check_after_cut(image, tracked)
-    assert caught, "torn cuts at the superblock flushes went unnoticed"
+        for seed in range(4):  # which pending writes survive: the entry without the data
+            image = fresh(f"broken{at}-{seed}")
+            tracked, cut = await run_cut(
+                image, f"at={at},mode=torn,seed={seed}", monkeypatch, skip_flush_before_superblock
+            )
+            assert cut is not None
+            assert cut.cut_on == "flush"
+            caught += await check_after_cut(image, tracked)
+    assert caught, "torn cuts at the journal flushes went unnoticed"
