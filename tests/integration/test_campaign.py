@@ -77,6 +77,8 @@ def test_cut_points_spread_over_the_candidates() -> None:
     assert points[0] <= 34 and points[-1] > 966  # noqa: PT018 -- both ends are cut
     assert cut_points(range(1, 1001), 30, 1) == points  # seeded
     assert cut_points([5, 9, 40], 2, 3) in ([5, 40], [9, 40], [5, 9])
+    for n in range(31, 45):  # barely more candidates than points: still all distinct
+        assert len(set(cut_points(range(n), 30, n))) == 30
     assert list(iter_modes("both", 3)) == ["drop", "torn", "drop"]
 
 

@@ -550,9 +550,13 @@ def cut_points(candidates: Sequence[int], count: int, seed: int) -> list[int]:
         return pool
     rng = random.Random(f"cuts:{seed}")
     step = len(pool) / count
-    return sorted(
-        {pool[min(len(pool) - 1, int(i * step + rng.random() * step))] for i in range(count)}
-    )
+    # One point in each of ``count`` disjoint strata: distinct however close
+    # ``count`` comes to the number of candidates.
+    points = []
+    for i in range(count):
+        lo, hi = int(i * step), int((i + 1) * step)
+        points.append(pool[lo + rng.randrange(hi - lo)])
+    return points
 
 
 def iter_modes(mode: str, count: int) -> Iterator[str]:
