@@ -177,28 +177,46 @@ class Inode:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Inode:
-        inode = cls(
-            ino=int(rec["ino"]),
-            mode=int(rec["mode"]),
-            uid=int(rec["uid"]),
-            gid=int(rec["gid"]),
-            nlink=int(rec["nlink"]),
-            size=int(rec["size"]),
-            atime_ns=int(rec["atime"]),
-            mtime_ns=int(rec["mtime"]),
-            ctime_ns=int(rec["ctime"]),
-            rdev=int(rec.get("rdev", 0)),
-            generation=int(rec.get("gen", 0)),
-        )
+        """The inode of a checkpoint or journal record (untracked: the namespace
+        adopts it).  Built without `__setattr__`, which mount pays per field."""
+        inode = cls.__new__(cls)
+        put = object.__setattr__
+        mode = int(rec["mode"])
+        put(inode, "ino", int(rec["ino"]))
+        put(inode, "mode", mode)
+        put(inode, "uid", int(rec["uid"]))
+        put(inode, "gid", int(rec["gid"]))
+        put(inode, "nlink", int(rec["nlink"]))
+        put(inode, "size", int(rec["size"]))
+        put(inode, "atime_ns", int(rec["atime"]))
+        put(inode, "mtime_ns", int(rec["mtime"]))
+        put(inode, "ctime_ns", int(rec["ctime"]))
+        put(inode, "rdev", int(rec.get("rdev", 0)))
+        put(inode, "generation", int(rec.get("gen", 0)))
         xattrs = rec.get("xattrs")
-        if xattrs:
-            inode.xattrs = {name_from_json(k): bytes.fromhex(v) for k, v in xattrs.items()}
-        if inode.is_dir:
-            inode.parent = int(rec.get("parent", 0))
-            inode.entries = {name_from_json(k): int(v) for k, v in rec.get("entries", {}).items()}
-        elif inode.is_symlink:
-            inode.target = name_from_json(rec.get("target", ""))
-        elif inode.is_reg:
-            runs = [(int(a), int(b), int(c), bool(d)) for a, b, c, d in rec.get("extents", [])]
-            inode.extents = ExtentMap.from_runs(runs)
+        put(
+            inode,
+            "xattrs",
+            {name_from_json(k): bytes.fromhex(v) for k, v in xattrs.items()} if xattrs else {},
+        )
+        entries = None
+        parent = 0
+        target = b""
+        extents = None
+        if stat.S_ISDIR(mode):
+            parent = int(rec.get("parent", 0))
+            entries = {name_from_json(k): int(v) for k, v in rec.get("entries", {}).items()}
+        elif stat.S_ISLNK(mode):
+            target = name_from_json(rec.get("target", ""))
+        elif stat.S_ISREG(mode):
+            runs = [(int(a), int(b), int(c), bool(d)) for a, b, c, d in rec.get("extents", ())]
+            extents = ExtentMap.from_runs(runs)
+        put(inode, "entries", entries)
+        put(inode, "parent", parent)
+        put(inode, "target", target)
+        put(inode, "extents", extents)
+        put(inode, "open_count", 0)
+        put(inode, "lookups", 0)
+        put(inode, "_lock", None)
+        put(inode, "track", None)
         return inode
