@@ -375,9 +375,7 @@ def skip_flush_before_superblock(fs: Filesystem) -> None:
     assert dev.powercut is not None
     powercut = dev.powercut
     flush: Callable[[], Awaitable[None]] = dev.flush
-    metadata = set(SUPERBLOCK_BLOCKS) | set(
-        range(JOURNAL_START, JOURNAL_START + fs.committer.ring)
-    )
+    metadata = set(SUPERBLOCK_BLOCKS) | set(range(JOURNAL_START, JOURNAL_START + fs.committer.ring))
 
     async def broken_flush() -> None:
         if any(blk in metadata for blk, _ in powercut._journal):
