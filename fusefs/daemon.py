@@ -36,6 +36,7 @@ saying ``running`` for a pid that is gone means the daemon was killed.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -210,6 +211,11 @@ async def _mount_and_serve(config: DaemonConfig, ready: Readiness, stopper: _Sto
         fs = await Filesystem.mount(config.image, config.options)
     except FsError as e:
         return _refuse(ready, str(e))
+    # The loaded inode table lives as long as the daemon: out of the cyclic
+    # collector's sight, a full collection never walks a million inodes in
+    # the middle of a request (it would stall the loop for a second).
+    gc.collect()
+    gc.freeze()
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         if stopper.requested:
