@@ -269,7 +269,7 @@ class Filesystem:
                     task_status.started()
                     while True:
                         await trio.sleep(self.options.commit_interval)
-                        if self.dirty and not self.read_only:
+                        if (self.dirty or self.ns.track) and not self.read_only:
                             try:
                                 await self.commit()
                             except FsError as e:

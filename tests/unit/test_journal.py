@@ -385,3 +385,23 @@ async def test_records_round_trip_every_field(fs: Filesystem) -> None:
         assert back.to_record() == inode.to_record()
         assert back.track is None
         assert back.open_count == 0
+
+
+async def test_after_a_remount_a_commit_still_writes_only_what_changed(image: Path) -> None:
+    fs = await remount(image)
+    big = await make(fs, b"big")
+    fh = await fs.open(big, os.O_RDWR)
+    for i in range(0, 2000, 2):  # 1,000 separate extents
+        await fs.write(fh, i * BS, b"b" * BS)
+    await fs.release(fh)
+    small = await make(fs, b"small", b"s")
+    await fs.unmount()
+    fs = await remount(image)
+    assert len(fs.ns.inodes[big].extents.to_runs()) == 1000  # type: ignore[union-attr]
+    fh = await fs.open(small, os.O_RDWR)
+    await fs.write(fh, 0, b"t" * BS)
+    await fs.fsync(fh, False)
+    await fs.release(fh)
+    assert fs.committer.last_commit_bytes < 600
+    await fs.unmount()
+    assert_fsck_clean(image)
