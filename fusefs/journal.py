@@ -59,6 +59,7 @@ class Tracker:
         inode.track = self
         if inode.extents is not None:
             inode.extents.track(self, inode.ino)
+            inode.extents.take_changes()  # what loading it did is on disk already
 
     def new(self, inode: Inode) -> None:
         """``inode`` was just created: journal it whole."""
