@@ -182,12 +182,14 @@ def _rewrite_superblocks(dev: BlockDevice, loaded: Loaded, damaged: list[int]) -
 
 
 def _note_journal(loaded: Loaded, check: _Check) -> None:
+    """A torn last entry is what a crash in the middle of a commit leaves: no
+    error, but worth saying (replaying whole entries is the normal case)."""
     journal = loaded.journal
-    note = f"journal: {journal.entries} entries replayed, {journal.used} of "
-    note += f"{loaded.superblock.journal_blocks} blocks in use"
     if journal.torn:
-        note += "; a torn last entry was dropped (its commit never finished)"
-    check.note(note)
+        check.note(
+            f"journal: {journal.entries} entries replayed; a torn last entry was dropped "
+            f"(its commit never finished)"
+        )
 
 
 def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:

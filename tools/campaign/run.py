@@ -53,6 +53,7 @@ from tools.campaign.workloads import (
     classify,
     read_whole,
 )
+from tools.poison import poison_free_blocks, poisoned_files
 from tools.pressure import Pressure, PressureSpec
 
 
@@ -317,8 +318,15 @@ def _check_image(image: Image, verdict: _Verdict, what: str) -> None:
 
 
 def _verify(
-    image: Image, verdict: _Verdict, checks: Sequence[tuple[Workload | CycleWorkload, bool]]
+    image: Image,
+    verdict: _Verdict,
+    checks: Sequence[tuple[Workload | CycleWorkload, bool]],
+    *,
+    poison: bool = False,
 ) -> None:
+    """Remount and check each workload's files; with ``poison`` (a power cut on
+    an image whose free blocks were poisoned), also that no file shows a block
+    whose data never reached the disk."""
     mounted = image.mount()
     if not mounted.ok:
         verdict.fsck.append(f"remount failed: {mounted.message}")
@@ -326,6 +334,11 @@ def _verify(
     try:
         for workload, clean in checks:
             verdict.problems += workload.verify(image.mountpoint, clean)
+        if poison:
+            verdict.problems += [
+                f"{path}: shows a block whose data never reached the disk"
+                for path in poisoned_files(image.mountpoint)
+            ]
     finally:
         done = image.umount()
         if not done.ok:
@@ -467,6 +480,7 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
         shutil.rmtree(workdir)
     image = Image(workdir, cfg.size, timeout=cfg.step_timeout)
     image.mkfs()
+    poison_free_blocks(image.image)
     record_file = record_path_for(os.fspath(image.image))
     spec = powercut_spec(at, mode, cfg.seed)
     obs = Observations()
@@ -505,7 +519,7 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
                     )
         if not verdict.hang:
             _check_image(image, verdict, "fsck after the cut")
-            _verify(image, verdict, [(w, clean and not cut) for w in workloads])
+            _verify(image, verdict, [(w, clean and not cut) for w in workloads], poison=True)
     except StepTimeout as e:
         verdict.hang = True
         verdict.notes.append(str(e))
