@@ -86,10 +86,11 @@ the runs after the offset.
 Change tracking.  A map remembers the logical range ``[lo, hi)`` that holds
 every block whose mapping (physical block or unwritten flag) may have changed
 since `take_changes` last returned it; each mutation widens it in O(1):
-`map`, `unmap` and `mark_written` by the blocks they changed, a shift from
-offset o by ``[o, last mapped block + 1)`` as it was before an insert's
-move or after it (everything from o on moved), `clear` by everything,
-`replace_range` by the blocks it unmapped and mapped.  The range may be too
+`map`, `unmap` and `mark_written` by the blocks they changed; a collapse at
+offset o by ``[o, last + 1)`` and an insert of n blocks at o by
+``[o, last + n + 1)``, where last is the last mapped block before the shift
+(everything from o on moved); `clear` by everything; `replace_range` by the
+blocks it unmapped and mapped.  The range may be too
 wide, never too narrow.  It says nothing of how the blocks are cut into
 runs: merging at a boundary changes no block's mapping.  A metadata journal
 records ``runs_in(lo, hi)`` for the range, and replay applies
@@ -97,10 +98,12 @@ records ``runs_in(lo, hi)`` for the range, and replay applies
 `to_runs` as the original.  A map built by `from_runs` starts with no
 changes (it is what was loaded).
 
-Costs, measured by ``benchmarks/bench_extents.py`` (CPython 3.11): an empty
-map ~90 bytes, a one-run map ~170, three runs ~250, against ~8.8 KiB and
-~12.9 KiB when every map owned a genradix; inline `lookup` about as fast as
-the genradix's.  A 1,000,000-block file: 8.0 bytes per mapped block against
+Costs, measured by ``benchmarks/bench_extents.py`` (CPython 3.11, bytes as
+tracemalloc counts them): an empty map ~75 bytes, a one-block map ~150,
+three runs ~240, where every map owned a genradix and its own zero pages
+(~8.8 KiB empty, ~12.9 KiB with one block); a 100-run map ~4.5 KiB (one
+leaf).  Inline `lookup` and `map` cost no more than the genradix's (`lookup`
+in a hole much less: no leaf scan).  A 1,000,000-block file: 8.0 bytes per mapped block against
 ~106 for a dict {lblk: pblk}; a random `lookup` 1.5-2x a dict's ``d[b]``
 (both are dominated by cache misses; building the `Extent` tuple is a third
 of ours); collapse or insert of one block at block 0 in ~4 ms of CPU (25-50x
