@@ -103,15 +103,15 @@ tracemalloc counts them): an empty map ~75 bytes, a one-block map ~150,
 three runs ~240, where every map owned a genradix and its own zero pages
 (~8.8 KiB empty, ~12.9 KiB with one block); a 100-run map ~4.5 KiB (one
 leaf).  Inline `lookup` and `map` cost no more than the genradix's (`lookup`
-in a hole much less: no leaf scan).  A 1,000,000-block file: 8.0 bytes per mapped block against
-~106 for a dict {lblk: pblk}; a random `lookup` 1.5-2x a dict's ``d[b]``
-(both are dominated by cache misses; building the `Extent` tuple is a third
-of ours); collapse or insert of one block at block 0 in ~4 ms of CPU (25-50x
-faster than rebuilding the dict), 0.7 ms when the shift is a multiple of 512
-blocks.  An isolated mapped block in a genradix costs a whole 4 KiB leaf plus
-its share of interior nodes (4.5-7 KiB against ~65 bytes in a dict): the
-genradix trade-off, right for large file maps, which are dense in patches,
-and the reason small maps stay inline.
+in a hole much less: no leaf scan).  A 1,000,000-block file: 8.0 bytes per
+mapped block against ~106 for a dict {lblk: pblk}; a random `lookup` 1.5-2x
+a dict's ``d[b]`` (both are dominated by cache misses; building the `Extent`
+tuple is a third of ours); collapse or insert of one block at block 0 in ~4
+ms of CPU (25-50x faster than rebuilding the dict), 0.7 ms when the shift is
+a multiple of 512 blocks.  An isolated mapped block in a genradix costs a
+whole 4 KiB leaf plus its share of interior nodes (4.5-7 KiB against ~65
+bytes in a dict): the genradix trade-off, right for large file maps, which
+are dense in patches, and the reason small maps stay inline.
 
 Protected by: the owning inode's lock (an `ExtentMap` does no locking).
 """
@@ -268,73 +268,76 @@ class ExtentMap:
         the next mapping (or MAX_FILE_BLOCKS).
         """
         store = self._store
-        if isinstance(store, tuple):
+        # type() is, not isinstance(): lookup is the hot path.
+        if type(store) is GenRadix:
+            # GenRadix.leaf() inlined: on CPython the method call costs as
+            # much as the walk itself.
+            node = store._root
+            if node is not None and 0 <= lblk < MAX_FILE_BLOCKS:
+                geo = self._geo
+                pno = lblk >> geo.shift
+                if pno < store._cap_pages:
+                    fmask = geo.fanout_mask
+                    for shift in store._shifts:
+                        node = node[(pno >> shift) & fmask]
+                        if node is None:
+                            break
+                    else:
+                        v = _unpack_rec(node, (lblk & geo.mask) << 3)[0]
+                        if v:
+                            return _new_extent(
+                                Extent,
+                                (
+                                    lblk - (v & _OFF_MASK),
+                                    v >> _PBLK_SHIFT,
+                                    ((v >> _LEN_SHIFT) & _OFF_MASK) + 1,
+                                    v & _UNWRITTEN != 0,
+                                ),
+                            )
             if not 0 <= lblk < MAX_FILE_BLOCKS:
                 raise ExtentError(f"lookup: block {lblk} outside [0, {MAX_FILE_BLOCKS})")
-            i = bisect_left(store, (lblk + 1) << _LBLK_SHIFT)
-            start = 0
-            if i:
-                e = store[i - 1]
-                s = e >> _LBLK_SHIFT
-                n = ((e >> _LEN_SHIFT) & _OFF_MASK) + 1
-                if lblk < s + n:
-                    return _new_extent(
-                        Extent, (s, (e & _REC_MASK) >> _PBLK_SHIFT, n, e & _UNWRITTEN != 0)
-                    )
-                start = s + n
-            end = store[i] >> _LBLK_SHIFT if i < len(store) else MAX_FILE_BLOCKS
+            start = self._prev_mapped(lblk) + 1
+            end = self._next_mapped(lblk, MAX_FILE_BLOCKS)
             return Extent(start, None, end - start, False)
-        # GenRadix.leaf() inlined: lookup is the hot path, and on CPython the
-        # method call costs as much as the walk itself.
-        node = store._root
-        if node is not None and 0 <= lblk < MAX_FILE_BLOCKS:
-            geo = self._geo
-            pno = lblk >> geo.shift
-            if pno < store._cap_pages:
-                fmask = geo.fanout_mask
-                for shift in store._shifts:
-                    node = node[(pno >> shift) & fmask]
-                    if node is None:
-                        break
-                else:
-                    v = _unpack_rec(node, (lblk & geo.mask) << 3)[0]
-                    if v:
-                        return _new_extent(
-                            Extent,
-                            (
-                                lblk - (v & _OFF_MASK),
-                                v >> _PBLK_SHIFT,
-                                ((v >> _LEN_SHIFT) & _OFF_MASK) + 1,
-                                v & _UNWRITTEN != 0,
-                            ),
-                        )
         if not 0 <= lblk < MAX_FILE_BLOCKS:
             raise ExtentError(f"lookup: block {lblk} outside [0, {MAX_FILE_BLOCKS})")
-        start = self._prev_mapped(lblk) + 1
-        end = self._next_mapped(lblk, MAX_FILE_BLOCKS)
+        i = bisect_left(store, (lblk + 1) << _LBLK_SHIFT)
+        start = 0
+        if i:
+            e = store[i - 1]
+            s = e >> _LBLK_SHIFT
+            n = ((e >> _LEN_SHIFT) & _OFF_MASK) + 1
+            if lblk < s + n:
+                return _new_extent(
+                    Extent, (s, (e & _REC_MASK) >> _PBLK_SHIFT, n, e & _UNWRITTEN != 0)
+                )
+            start = s + n
+        end = store[i] >> _LBLK_SHIFT if i < len(store) else MAX_FILE_BLOCKS
         return Extent(start, None, end - start, False)
 
     def pblk_of(self, lblk: int) -> int | None:
         """The physical block behind `lblk`, or None in a hole."""
         store = self._store
+        if type(store) is GenRadix:
+            node = store._root
+            if node is not None and 0 <= lblk < MAX_FILE_BLOCKS:
+                geo = self._geo
+                pno = lblk >> geo.shift
+                if pno < store._cap_pages:
+                    fmask = geo.fanout_mask
+                    for shift in store._shifts:
+                        node = node[(pno >> shift) & fmask]
+                        if node is None:
+                            return None
+                    v: int = _unpack_rec(node, (lblk & geo.mask) << 3)[0]
+                    return (v >> _PBLK_SHIFT) + (v & _OFF_MASK) if v else None
+                return None
         if not 0 <= lblk < MAX_FILE_BLOCKS:
             raise ExtentError(f"pblk_of: block {lblk} outside [0, {MAX_FILE_BLOCKS})")
-        if isinstance(store, tuple):
-            v = _inline_rec(store, lblk)
-            return (v >> _PBLK_SHIFT) + (v & _OFF_MASK) if v else None
-        node = store._root
-        if node is not None:
-            geo = self._geo
-            pno = lblk >> geo.shift
-            if pno < store._cap_pages:
-                fmask = geo.fanout_mask
-                for shift in store._shifts:
-                    node = node[(pno >> shift) & fmask]
-                    if node is None:
-                        return None
-                v = _unpack_rec(node, (lblk & geo.mask) << 3)[0]
-                return (v >> _PBLK_SHIFT) + (v & _OFF_MASK) if v else None
-        return None
+        if type(store) is GenRadix:
+            return None
+        v = _inline_rec(store, lblk)
+        return (v >> _PBLK_SHIFT) + (v & _OFF_MASK) if v else None
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[Extent]:
         """Yield the mapped runs intersecting [start, end), clipped to it, ascending.
