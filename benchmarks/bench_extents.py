@@ -1,8 +1,13 @@
-"""Benchmark the genradix-backed `ExtentMap` against a plain dict {lblk: pblk}.
+"""Benchmark `ExtentMap` against a plain dict {lblk: pblk}, and its two stores.
 
 Run as ``python benchmarks/bench_extents.py [--quick]``.  Every figure is
-measured in the same run against the dict baseline; the last line is
+measured in the same run against its baseline; the last line is
 ``RESULT {json}`` with the ratios and whether each target is met:
+
+* a small file's map (1 block, 3 runs) costs under 512 bytes (tracemalloc:
+  the map object, its inline runs and their ints), where a genradix-held map
+  costs a 4 KiB leaf and more;
+* lookup and map on an inline map at most 1.5x the same on a genradix map;
 
 * memory per mapped block of a 1,000,000-block contiguous file <= 1/4 of the dict's;
 * lookup of random blocks <= 4x the dict's ``d[b]`` in the same loop;
@@ -176,6 +181,72 @@ def bench_shift(n: int, k: int, repeat: int) -> dict[str, float]:
     }
 
 
+SMALL_SHAPES = {
+    "empty": [],
+    "1 block": [(0, 1)],
+    "3 runs": [(0, 3), (3, 5), (10, 2)],
+    "100 runs": [(2 * i, 1) for i in range(100)],
+}
+
+
+def small_map(shape: list[tuple[int, int]], inline_runs: int | None) -> ExtentMap:
+    """A map of `shape` ((lblk, n) pairs, physically apart), inline if it fits
+    (`inline_runs` None: the default) or always in a genradix (0)."""
+    em = ExtentMap() if inline_runs is None else ExtentMap(inline_runs=inline_runs)
+    for i, (lblk, n) in enumerate(shape):
+        em.map(lblk, PBLK_BASE + 1000 * i, n)
+    return em
+
+
+def bench_small_maps(count: int) -> dict[str, dict[str, float]]:
+    """Bytes per map (tracemalloc, `count` maps built at once) of each shape."""
+    out: dict[str, dict[str, float]] = {}
+    for name, shape in SMALL_SHAPES.items():
+        row: dict[str, float] = {}
+        for store, inline_runs in (("default", None), ("genradix", 0)):
+
+            def build(
+                shape: list[tuple[int, int]] = shape, inline_runs: int | None = inline_runs
+            ) -> list[ExtentMap]:
+                return [small_map(shape, inline_runs) for _ in range(count)]
+
+            maps, traced = traced_bytes(build)
+            assert isinstance(maps, list)
+            # The list holding the maps is not theirs.
+            row[store] = (traced - sys.getsizeof(maps)) / count
+            row[f"{store}_inline"] = float(maps[0].statistics().inline_runs is not None)
+        out[name] = row
+    return out
+
+
+def bench_small_ops(count: int) -> dict[str, float]:
+    """lookup (mapped blocks and holes) and map+unmap on a 3-run map, inline
+    against genradix."""
+    shape = SMALL_SHAPES["3 runs"]
+    rnd = random.Random(3)
+    blocks = [rnd.randrange(14) for _ in range(count)]
+    out: dict[str, float] = {}
+    for store, inline_runs in (("inline", None), ("genradix", 0)):
+        em = small_map(shape, inline_runs)
+        assert (em.statistics().inline_runs is not None) == (store == "inline")
+
+        def lookups(em: ExtentMap = em) -> None:
+            lookup = em.lookup
+            for b in blocks:
+                lookup(b)
+
+        def map_unmap(em: ExtentMap = em) -> None:
+            for _ in range(count // 10):
+                em.map(8, 7, 2)  # the hole between the 2nd and 3rd runs
+                em.unmap(8, 2)
+
+        out[f"{store}_lookup_ns"] = best_of(5, lookups) / count * 1e9
+        out[f"{store}_map_unmap_ns"] = best_of(5, map_unmap) / (count // 10) * 1e9
+    out["lookup_ratio"] = out["inline_lookup_ns"] / out["genradix_lookup_ns"]
+    out["map_unmap_ratio"] = out["inline_map_unmap_ns"] / out["genradix_map_unmap_ns"]
+    return out
+
+
 def bench_sparse(count: int) -> dict[str, float]:
     rnd = random.Random(7)
     blocks = rnd.sample(range(TIB_BLOCKS), count)
@@ -194,6 +265,7 @@ def bench_sparse(count: int) -> dict[str, float]:
     assert isinstance(em, ExtentMap)
     assert em.mapped_blocks() == count
     stats = em.statistics().radix
+    assert stats is not None
     return {
         "blocks": count,
         "ours_per_block": em.memory_bytes() / count,
@@ -217,6 +289,27 @@ def main(argv: list[str] | None = None) -> int:
     sparse_counts = [1_000, 10_000]
     mode = " --quick (sizes reduced)" if quick else ""
     print(f"bench_extents{mode}: python {sys.version.split()[0]}, CPU time, best of several runs")
+    print()
+
+    small_count = 2_000 if quick else 20_000
+    small = bench_small_maps(small_count)
+    print(f"small files: bytes per ExtentMap (tracemalloc, {small_count:,} maps)")
+    print(f"  {'shape':>10} {'default':>9} {'store':>9} {'genradix':>9}")
+    for name, row in small.items():
+        store = "inline" if row["default_inline"] else "genradix"
+        print(f"  {name:>10} {row['default']:9.0f} {store:>9} {row['genradix']:9.0f}")
+    ops = bench_small_ops(20_000 if quick else 200_000)
+    print("3-run map, inline against genradix (ns per call)")
+    print(
+        f"  lookup     inline {ops['inline_lookup_ns']:7.1f}"
+        f"   genradix {ops['genradix_lookup_ns']:7.1f}   ratio {ops['lookup_ratio']:.2f}"
+        "   target <= 1.5"
+    )
+    print(
+        f"  map+unmap  inline {ops['inline_map_unmap_ns']:7.1f}"
+        f"   genradix {ops['genradix_map_unmap_ns']:7.1f}   ratio {ops['map_unmap_ratio']:.2f}"
+        "   target <= 1.5"
+    )
     print()
 
     mem = bench_memory(big)
@@ -299,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     insert_speedup = shifts[-1]["insert_speedup"]
     result = {
         "quick": quick,
+        "small_map_bytes": {name: round(row["default"]) for name, row in small.items()},
+        "small_map_bytes_genradix": {name: round(row["genradix"]) for name, row in small.items()},
+        "small_ok": small["1 block"]["default"] < 512 and small["3 runs"]["default"] < 512,
+        "inline_lookup_ratio": round(ops["lookup_ratio"], 3),
+        "inline_map_unmap_ratio": round(ops["map_unmap_ratio"], 3),
+        "inline_ops_ok": ops["lookup_ratio"] <= 1.5 and ops["map_unmap_ratio"] <= 1.5,
         "file_blocks": big,
         "memory_ratio": round(mem["ratio"], 4),
         "memory_ok": mem["ratio"] <= 0.25,

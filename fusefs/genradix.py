@@ -44,6 +44,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import compress, islice
 from typing import Any, Final, final
 
@@ -55,6 +56,12 @@ MAX_INDEX: Final = 2**48 - 1
 # An interior node: ``fanout`` child slots (None, an interior node, or a
 # leaf on the lowest interior level) followed by the count of non-empty slots.
 _Interior = list[Any]
+
+
+@cache
+def _zero_page(page_size: int) -> bytes:
+    """One all-zero page per page size, shared: a tree is often small."""
+    return bytes(page_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +121,7 @@ class GenRadix:
         self._fanout: Final = page_size // 8
         self._mask: Final = self._fanout - 1
         self._zero_record: Final = record.unpack(bytes(record.size))
-        self._zero_page: Final = bytes(page_size)
+        self._zero_page: Final = _zero_page(page_size)
         # Protected by nothing: a GenRadix belongs to one owner (an inode's
         # extent map), which serialises its mutations.
         # A leaf at depth 1, an interior node deeper, None when empty.
