@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusefs.dirents import Directory
 from fusefs.extents import ExtentMap
 from fusefs.locking import InodeLock
 
@@ -48,7 +49,7 @@ class Inode:
     generation: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     # directories:
-    entries: dict[bytes, int] | None = None
+    entries: Directory | None = None
     parent: int = 0
     # symlinks:
     target: bytes = b""
@@ -141,7 +142,9 @@ class Inode:
             inode.xattrs = {_name_from_json(k): bytes.fromhex(v) for k, v in xattrs.items()}
         if inode.is_dir:
             inode.parent = int(rec.get("parent", 0))
-            inode.entries = {_name_from_json(k): int(v) for k, v in rec.get("entries", {}).items()}
+            inode.entries = Directory(
+                (_name_from_json(k), int(v)) for k, v in rec.get("entries", {}).items()
+            )
         elif inode.is_symlink:
             inode.target = _name_from_json(rec.get("target", ""))
         elif inode.is_reg:
