@@ -77,7 +77,10 @@ class _Block:
 class Directory(MutableMapping[bytes, int]):
     """name -> inode number, iterated in cookie (insertion) order; see the module
     docstring.  Caller must not mutate a `Directory` while iterating it other
-    than through `after`, which tolerates any change between two entries."""
+    than through `after`, which tolerates any change between two entries.
+
+    Protected by the trio loop, as the rest of the namespace: every change is
+    made by synchronous code, with no await between its check and its change."""
 
     __slots__ = ("_blocks", "_entries", "_lasts", "_next_cookie", "_version")
 
