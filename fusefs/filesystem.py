@@ -162,8 +162,7 @@ class Handle:
 
 @dataclass(eq=False)
 class DirHandle:
-    inode: Inode
-    names: list[tuple[bytes, int]]
+    inode: Inode  # the position of a scan is the kernel's: the cookie it sends back
 
 
 @final
@@ -695,35 +694,33 @@ class Filesystem:
     # directories:
 
     async def opendir(self, ino: int) -> int:
-        d = self.ns.dir(ino)
-        assert d.entries is not None
-        return self._new_fh(DirHandle(d, list(d.entries.items())))
+        return self._new_fh(DirHandle(self.ns.dir(ino)))
 
     async def readdir(self, fh: int, start_id: int) -> list[tuple[bytes, Attr, int]]:
         """Every entry from ``start_id`` on (`readdir_entries`, all of them)."""
         return list(self.readdir_entries(fh, start_id))
 
     def readdir_entries(self, fh: int, start_id: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """The entries from ``start_id`` on, each with its attributes and the id of
-        the next, made one at a time: a caller that stops after the few that fit
-        its reply (FUSE's readdir buffer) pays for those, not for the rest of the
-        directory -- else listing a directory costs its size squared.  The
-        generator never awaits; consume it without awaiting between entries."""
+        """The entries after cookie ``start_id`` (0: from the start), each with its
+        attributes and its own cookie, the ``start_id`` that resumes after it
+        (`fusefs.dirents`: cookies stay valid while the directory changes).  Made
+        one at a time: a caller that stops after the few that fit its reply
+        (FUSE's readdir buffer) pays for those -- O(log n) to find the place, then
+        O(1) an entry -- not for the rest of the directory.  The generator never
+        awaits; consume it without awaiting between entries."""
         handle = self._handles.get(fh)
         if not isinstance(handle, DirHandle):
             raise InvalidArgument(f"bad directory handle {fh}", errno=errno.EBADF)
         return self._dir_entries(handle, start_id)
 
     def _dir_entries(self, handle: DirHandle, start_id: int) -> Iterator[tuple[bytes, Attr, int]]:
-        entries = handle.inode.entries or {}
-        names = handle.names
+        entries = handle.inode.entries
+        assert entries is not None
         inodes = self.ns.inodes
-        for i in range(start_id, len(names)):
-            name, ino = names[i]
+        for name, ino, cookie in entries.after(start_id):
             inode = inodes.get(ino)
-            if inode is None or entries.get(name) != ino:
-                continue  # removed since opendir
-            yield name, self.attr(inode), i + 1
+            if inode is not None:  # never otherwise; fsck would call it a dangling entry
+                yield name, self.attr(inode), cookie
 
     async def releasedir(self, fh: int) -> None:
         if not isinstance(self._handles.pop(fh, None), DirHandle):

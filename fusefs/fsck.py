@@ -41,6 +41,7 @@ import trio
 from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, Loaded, load_checkpoint
+from fusefs.dirents import Directory
 from fusefs.errors import FsError
 from fusefs.format import SUPERBLOCK_BLOCKS, Superblock, normalize_runs, probe_block_size
 from fusefs.inode import Inode, now_ns
@@ -332,7 +333,7 @@ def _lost_and_found(inodes: dict[int, Inode]) -> Inode:
         atime_ns=t,
         mtime_ns=t,
         ctime_ns=t,
-        entries={},
+        entries=Directory(),
         parent=ROOT_INO,
     )
     inodes[new_ino] = lf

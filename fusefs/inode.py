@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from fusefs.dirents import Directory
 from fusefs.extents import ExtentMap
 from fusefs.locking import InodeLock
 
@@ -80,7 +81,7 @@ class Inode:
     generation: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     # directories:
-    entries: dict[bytes, int] | None = None
+    entries: Directory | None = None
     parent: int = 0
     # symlinks:
     target: bytes = b""
@@ -205,7 +206,9 @@ class Inode:
         extents = None
         if stat.S_ISDIR(mode):
             parent = int(rec.get("parent", 0))
-            entries = {name_from_json(k): int(v) for k, v in rec.get("entries", {}).items()}
+            entries = Directory(
+                (name_from_json(k), int(v)) for k, v in rec.get("entries", {}).items()
+            )
         elif stat.S_ISLNK(mode):
             target = name_from_json(rec.get("target", ""))
         elif stat.S_ISREG(mode):

@@ -40,7 +40,9 @@ class Tracker:
 
     def __init__(self) -> None:
         self.inodes: set[int] = set()
-        self.dirents: dict[int, set[bytes]] = {}
+        # Per directory, its names in the order last touched: replayed in that
+        # order, the entries added get their cookies in the order they had.
+        self.dirents: dict[int, dict[bytes, None]] = {}
         self.extents: set[int] = set()
         self.deleted: set[int] = set()
 
@@ -50,9 +52,10 @@ class Tracker:
     def dirent(self, dir_ino: int, name: bytes) -> None:
         names = self.dirents.get(dir_ino)
         if names is None:
-            self.dirents[dir_ino] = {name}
+            self.dirents[dir_ino] = {name: None}
         else:
-            names.add(name)
+            names.pop(name, None)
+            names[name] = None
 
     def adopt(self, inode: Inode) -> None:
         """Journal ``inode``'s changes from now on (a new or loaded inode)."""

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fusefs.dirents import Directory
 from fusefs.errors import (
     ArgumentTooBig,
     Exists,
@@ -138,7 +139,7 @@ class Namespace:
             generation=1,
         )
         if stat.S_ISDIR(mode):
-            inode.entries = {}
+            inode.entries = Directory()
             inode.nlink = 2
         elif stat.S_ISREG(mode):
             inode.extents = ExtentMap()

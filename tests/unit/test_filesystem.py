@@ -266,7 +266,7 @@ async def test_xattrs(fs: Filesystem) -> None:
     assert errno_of(e) == errno.ENODATA
 
 
-async def test_readdir_snapshot(fs: Filesystem) -> None:
+async def test_readdir_skips_entries_removed_since_opendir(fs: Filesystem) -> None:
     names = {b"n%d" % i for i in range(20)}
     for n in names:
         await make_file(fs, n)
