@@ -141,7 +141,7 @@ class Committer:
 
     def _available(self) -> int:
         st = self.alloc.statistics()
-        return max(0, st.free - st.reserved)
+        return st.free  # free already leaves out what is reserved
 
     def locked(self) -> bool:
         return self._lock.locked()
