@@ -20,7 +20,9 @@ has (races 2 and 3 of DESIGN §3).
 A write into a page that is not cached reads the old block first when the page
 is only partly overwritten and lies inside the file (read-modify-write); pages
 over holes take one block of the cache's reservation each before they are
-dirtied, so ENOSPC comes from write() and never from writeback.
+dirtied, so ENOSPC comes from write() and never from writeback.  A
+reservation that fails while frees wait for a commit commits and tries once
+more before the write comes back short or with ENOSPC (`fusefs.reclaim`).
 """
 
 from __future__ import annotations
@@ -344,6 +346,9 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
         try:
             pos = offset
             end = offset + len(data)
+            # Out of space while frees wait for a commit: commit (holding the
+            # inode lock and ADD is fine, see fusefs.reclaim) and go on, once.
+            reclaimed = False
             while pos < end:
                 index = pos // bs
                 start = pos - index * bs
@@ -363,6 +368,9 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         cache.mark_dirty(page)
                         n = want
                 except NoSpace:
+                    if not reclaimed and await fs.reclaim.reclaim():
+                        reclaimed = True
+                        continue
                     if done == 0:
                         raise
                     break
@@ -371,7 +379,11 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                 if pos > inode.size:
                     inode.size = pos
                 if n < want:
-                    break  # ENOSPC partway through a stretch: a short write
+                    # ENOSPC partway through a stretch: a short write, unless a
+                    # commit gives the space for the rest.
+                    if reclaimed or not await fs.reclaim.reclaim():
+                        break
+                    reclaimed = True
         finally:
             mapping.lock.add_put()
         inode.touch(m=True)

@@ -487,6 +487,8 @@ async def test_enospc_from_write(tmp_path: Path) -> None:
     assert st.blocks_avail == st.blocks_free == 0 < st.blocks  # full: the write came back short
     await fs.release(fh)
     await fs.unlink(ROOT_INO, b"f")
+    st = await fs.statfs()
+    assert 0 < st.blocks_avail == st.blocks_free < st.blocks  # the unlink's, before a commit
     await fs.unmount()
     assert_fsck_clean(image)
 
