@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fusefs.errors import NoSpace
+from fusefs.errors import FsError, NoSpace
 from fusefs.extents import ExtentMap
 from fusefs.faults import dynamic_fault, race_fault
 from fusefs.io import readahead
@@ -322,6 +322,22 @@ def _write_whole_pages(
     return count * bs
 
 
+async def _reclaim(fs: Filesystem, done: int) -> bool:
+    """`Reclaimer.reclaim` for a write that has written ``done`` bytes so far.
+
+    A commit that fails (the filesystem goes read-only) fails the write only if
+    nothing was written yet; otherwise the write returns short, as it does on
+    ENOSPC: an error would tell the caller that none of its bytes went in, while
+    the pages hold them and the size covers them.  The next write gets EROFS.
+    """
+    try:
+        return await fs.reclaim.reclaim()
+    except FsError:
+        if done == 0:
+            raise
+        return False
+
+
 async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int:
     """Buffered write; returns the bytes written (short only on ENOSPC)."""
     inode: Inode = handle.inode
@@ -368,9 +384,10 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         cache.mark_dirty(page)
                         n = want
                 except NoSpace:
-                    if not reclaimed and await fs.reclaim.reclaim():
+                    if not reclaimed:
                         reclaimed = True
-                        continue
+                        if await _reclaim(fs, done):
+                            continue
                     if done == 0:
                         raise
                     break
@@ -381,9 +398,11 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                 if n < want:
                     # ENOSPC partway through a stretch: a short write, unless a
                     # commit gives the space for the rest.
-                    if reclaimed or not await fs.reclaim.reclaim():
+                    if reclaimed:
                         break
                     reclaimed = True
+                    if not await _reclaim(fs, done):
+                        break
         finally:
             mapping.lock.add_put()
         inode.touch(m=True)

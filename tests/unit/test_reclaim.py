@@ -279,6 +279,35 @@ async def test_failed_reclaim_commit_is_eio_and_read_only(tiny_fs: Filesystem) -
     assert e.value.code == errno.EROFS
 
 
+async def test_failed_reclaim_commit_after_progress_is_a_short_write(tiny_fs: Filesystem) -> None:
+    """A write that got some pages in before it needed the commit returns short
+    when the commit fails: an error would say none of its bytes went in, while
+    the size already covers them.  The next write gets EROFS."""
+    fs = tiny_fs
+    for name in (b"a", b"b"):
+        fh, _ = await create(fs, name)
+        assert await fs.write(fh, 0, pattern(8 * BS, 7)) == 8 * BS
+        await fs.fsync(fh, False)
+        await fs.release(fh)
+    await fill(fs, b"big")
+    await fs.unlink(ROOT_INO, b"a")
+    await fs.commit()  # a's blocks are free
+    await fs.unlink(ROOT_INO, b"b")  # b's wait for a commit
+    fh, ino = await create(fs, b"new")
+    REGISTRY.control("name commit_write_checkpoint oneshot")
+    assert await fs.write(fh, 0, pattern(16 * BS, 8)) == 8 * BS
+    assert fs.read_only
+    assert (await fs.getattr(ino)).size == 8 * BS
+    with pytest.raises(FsError) as e:
+        await fs.write(fh, 8 * BS, b"more")
+    assert e.value.code == errno.EROFS
+    check(fs)
+    await fs.release(fh)
+    with pytest.raises(FsError) as e:
+        await fs.unmount()
+    assert e.value.code == errno.EROFS
+
+
 async def test_direct_write_after_unlink(tiny_fs: Filesystem) -> None:
     fs = tiny_fs
     await fill(fs, b"big")
