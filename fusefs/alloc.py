@@ -57,6 +57,12 @@ durable: the blocks the commit frees (the token's) are free in it; blocks freed
 after ``commit_begin`` are still used, because the snapshot still maps them.  One
 commit may be in flight at a time.
 
+Commits are numbered from 1 in the order they begin (`CommitToken.sequence`), and
+they end in that order, so `durable_sequence` (the last one made durable) says
+which frees are reusable: `reclaim_sequence` names the commit whose durability
+releases every block freed so far.  That is what a task that ran out of space
+waits for (`fusefs.reclaim`), and what ``deferred`` in `statistics` counts.
+
 Errors.  Running out of space raises `NoSpace`; data read from disk that makes
 no sense (`decode`, `from_used`, `mark_used`) raises `Corrupt`.  Misuse is a bug
 in the caller and raises `RuntimeError` for a wrong state (double free, drawing
@@ -265,7 +271,8 @@ class Allocator:
         # Runs freed since the last commit_begin (state DEFERRED), in free order.
         self._deferred_runs: list[Run] = []
         self._inflight: CommitToken | None = None
-        self._commits = 0
+        self._commits = 0  # commits begun
+        self._durable = 0  # the sequence of the last commit made durable
         # Next-fit: where the next allocation without a hint starts looking.
         self._cursor = first_data
 
@@ -399,6 +406,24 @@ class Allocator:
             best = max(best, end - start)
             pos = end
         return best
+
+    @property
+    def durable_sequence(self) -> int:
+        """The sequence of the last commit made durable; 0 before the first."""
+        return self._durable
+
+    def reclaim_sequence(self) -> int | None:
+        """The commit whose durability makes every block freed so far reusable.
+
+        The next commit to begin when some frees wait in ``DEFERRED``; else the
+        commit in flight, if it releases any; None when no freed block waits for a
+        commit (then no commit can turn an allocation's `NoSpace` into success).
+        """
+        if self._ndeferred:
+            return self._commits + 1
+        if self._inflight is not None and self._inflight.blocks:
+            return self._inflight.sequence
+        return None
 
     def statistics(self) -> AllocatorStatistics:
         committing = self._inflight.blocks if self._inflight is not None else 0
@@ -625,6 +650,7 @@ class Allocator:
             self._map[pblk : pblk + n] = bytes(n)
         self._nfree += token.blocks
         self._inflight = None
+        self._durable = token.sequence
 
     def commit_abandoned(self, token: CommitToken) -> None:
         """The commit of *token* failed: its frees wait for the next commit."""

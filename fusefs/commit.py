@@ -336,9 +336,15 @@ class Committer:
             with contextlib.suppress(NoSpace):
                 self.meta_reserve.add(min(missing, self._available()))
 
+    def reserve_shortfall(self) -> int:
+        """Blocks the metadata reservation lacks of its target: the next commit
+        takes them first, so they are not free for data (`Filesystem.statfs`)."""
+        have = self.meta_reserve.remaining if self.meta_reserve is not None else 0
+        return max(0, self._reserve_target() - have)
+
     def _available(self) -> int:
         st = self.alloc.statistics()
-        return max(0, st.free - st.reserved)
+        return st.free  # free already leaves out what is reserved
 
     def _allocate_meta(self, nblocks: int) -> list[Run]:
         reserve = self.meta_reserve

@@ -59,6 +59,7 @@ from fusefs.io.truncate import truncate as truncate_inode
 from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
 from fusefs.namespace import NAME_MAX, Namespace, Unlinked
 from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
+from fusefs.reclaim import Reclaimer
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ class Filesystem:
         self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0}
         self.cache = PageCache(self.block_size, alloc, limit_bytes=options.cache_size)
         self.cache.set_lock_enabled(options.pagecache_lock)
+        # ENOSPC while frees wait for a commit: commit and try once more.
+        self.reclaim = Reclaimer(alloc, self.commit, lambda: not self.read_only)
         self.readahead_enabled = options.readahead
         # Set by the FUSE layer: drop the kernel's cached pages (and attributes)
         # of an inode whose data or size fusefs changed behind its back.
@@ -620,7 +623,7 @@ class Filesystem:
             first, end = offset // bs, -(-(offset + len(data)) // bs)
             async with mapping.lock.block():
                 await write_and_drop(self, mapping, first, end, what="direct write")
-                await direct.write_range(self.dev, self.alloc, inode.extents, offset, data)
+                await direct.write_range(self, inode.extents, offset, data)
                 await race_fault("direct_write_before_drop")
                 # Drop again: with the lock on nothing can have come in; with it
                 # off, a read that raced the write may have inserted old data.
@@ -737,16 +740,21 @@ class Filesystem:
                 inode.lookups = max(0, inode.lookups - n)
 
     async def statfs(self) -> StatFs:
-        """Free space excludes reservations: blocks promised to dirty pages over
-        holes and to the next checkpoints are not free (DESIGN §6)."""
+        """Free space leaves out reservations -- blocks promised to dirty pages
+        over holes and to the next checkpoints -- and the blocks the metadata
+        reservation lacks of its target, which the next commit takes first.  It
+        counts the frees that wait for a commit (DESIGN §6): an allocation that
+        needs them commits to get them (`fusefs.reclaim`), so ``df`` shows the
+        space of an ``rm`` at once."""
         st = self.alloc.statistics()
+        free = max(0, st.free + st.deferred - self.committer.reserve_shortfall())
         return StatFs(
             block_size=self.block_size,
             blocks=self.dev.blocks,
-            blocks_free=st.free,
-            blocks_avail=st.free,
-            files=len(self.ns.inodes) + st.free,
-            files_free=st.free,
+            blocks_free=free,
+            blocks_avail=free,
+            files=len(self.ns.inodes) + free,
+            files_free=free,
             name_max=NAME_MAX,
         )
 
@@ -794,6 +802,7 @@ class Filesystem:
 
     def stats(self) -> dict[str, object]:
         st = self.alloc.statistics()
+        reclaim = self.reclaim.statistics()
         dev = self.dev.statistics()
         cache = self.cache.statistics()
         out: dict[str, object] = {
@@ -804,6 +813,9 @@ class Filesystem:
             "blocks_reserved": st.reserved,
             "blocks_allocated": st.allocated,
             "blocks_deferred": st.deferred,
+            "nospace_commits": reclaim.commits,
+            "nospace_retries": reclaim.retries,
+            "nospace_refused": reclaim.refused,
             "commits": self.committer.commits,
             "journal_entries": self.committer.entries,
             "journal_used_blocks": self.committer.journal_used,

@@ -20,14 +20,16 @@ has (races 2 and 3 of DESIGN §3).
 A write into a page that is not cached reads the old block first when the page
 is only partly overwritten and lies inside the file (read-modify-write); pages
 over holes take one block of the cache's reservation each before they are
-dirtied, so ENOSPC comes from write() and never from writeback.
+dirtied, so ENOSPC comes from write() and never from writeback.  A
+reservation that fails while frees wait for a commit commits and tries once
+more before the write comes back short or with ENOSPC (`fusefs.reclaim`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fusefs.errors import NoSpace
+from fusefs.errors import FsError, NoSpace
 from fusefs.extents import ExtentMap
 from fusefs.faults import dynamic_fault, race_fault
 from fusefs.io import readahead
@@ -320,6 +322,22 @@ def _write_whole_pages(
     return count * bs
 
 
+async def _reclaim(fs: Filesystem, done: int) -> bool:
+    """`Reclaimer.reclaim` for a write that has written ``done`` bytes so far.
+
+    A commit that fails (the filesystem goes read-only) fails the write only if
+    nothing was written yet; otherwise the write returns short, as it does on
+    ENOSPC: an error would tell the caller that none of its bytes went in, while
+    the pages hold them and the size covers them.  The next write gets EROFS.
+    """
+    try:
+        return await fs.reclaim.reclaim()
+    except FsError:
+        if done == 0:
+            raise
+        return False
+
+
 async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int:
     """Buffered write; returns the bytes written (short only on ENOSPC)."""
     inode: Inode = handle.inode
@@ -344,6 +362,9 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
         try:
             pos = offset
             end = offset + len(data)
+            # Out of space while frees wait for a commit: commit (holding the
+            # inode lock and ADD is fine, see fusefs.reclaim) and go on, once.
+            reclaimed = False
             while pos < end:
                 index = pos // bs
                 start = pos - index * bs
@@ -363,6 +384,10 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         cache.mark_dirty(page)
                         n = want
                 except NoSpace:
+                    if not reclaimed:
+                        reclaimed = True
+                        if await _reclaim(fs, done):
+                            continue
                     if done == 0:
                         raise
                     break
@@ -371,7 +396,13 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                 if pos > inode.size:
                     inode.size = pos
                 if n < want:
-                    break  # ENOSPC partway through a stretch: a short write
+                    # ENOSPC partway through a stretch: a short write, unless a
+                    # commit gives the space for the rest.
+                    if reclaimed:
+                        break
+                    reclaimed = True
+                    if not await _reclaim(fs, done):
+                        break
         finally:
             mapping.lock.add_put()
         inode.touch(m=True)

@@ -15,7 +15,9 @@ device call; holes and unwritten (preallocated) extents read as zeros.  Writes
 overwrite mapped blocks in place, read-modify-write partial blocks, allocate one
 contiguous run (when the allocator can) for the unmapped blocks of the range,
 write the data, and only then map it — so a block is never mapped before its
-data is on the device, and the commit that maps it flushes it first.
+data is on the device, and the commit that maps it flushes it first.  An
+allocation that finds the filesystem full while frees wait for a commit commits
+and tries once more (`fusefs.reclaim`).
 
 Invariant kept by every path: the bytes of a file's last block past EOF are
 zero, so growing a file (by write or truncate) exposes zeros.
@@ -23,11 +25,16 @@ zero, so growing a file (by write or truncate) exposes zeros.
 
 from __future__ import annotations
 
-from fusefs.alloc import Allocator, Run, place_runs
+from typing import TYPE_CHECKING
+
+from fusefs.alloc import Run, place_runs
 from fusefs.blockdev import BlockDevice
 from fusefs.errors import FileTooBig, InvalidArgument
 from fusefs.extents import MAX_FILE_BLOCKS, ExtentMap
 from fusefs.faults import alloc_buffer, race_fault
+
+if TYPE_CHECKING:
+    from fusefs.filesystem import Filesystem
 
 MAX_FILE_SIZE_BLOCKS = MAX_FILE_BLOCKS
 
@@ -69,11 +76,17 @@ async def read_range(
 
 
 async def write_range(
-    dev: BlockDevice, alloc: Allocator, emap: ExtentMap, offset: int, data: bytes | memoryview
+    fs: Filesystem, emap: ExtentMap, offset: int, data: bytes | memoryview
 ) -> None:
-    """Write ``data`` at ``offset``, allocating blocks for holes."""
+    """Write ``data`` at ``offset``, allocating blocks for holes.
+
+    Caller holds the inode lock exclusive and BLOCK, and dropped the range's
+    pages: the holes stay holes across the commit that an allocation on a full
+    filesystem may wait for (`Reclaimer.allocate`).
+    """
     if not data:
         return
+    dev = fs.dev
     bs = dev.block_size
     check_file_range(offset, len(data), bs)
     first = offset // bs
@@ -103,7 +116,7 @@ async def write_range(
     if need:
         prev = emap.lookup(first - 1) if first > 0 else None
         hint = prev.pblk + (first - prev.start) if prev and prev.pblk is not None else None
-        new_runs = alloc.allocate(need, hint=hint)
+        new_runs = await fs.reclaim.allocate(need, hint=hint)
     try:
         # Pair the holes with the new runs, block for block.
         placements = place_runs(holes, new_runs)
@@ -117,7 +130,7 @@ async def write_range(
             await dev.write(pblk, buf[pos : pos + n * bs])
     except BaseException:
         for pblk, n in new_runs:
-            alloc.free_now(pblk, n)
+            fs.alloc.free_now(pblk, n)
         raise
     for lblk, pblk, n in placements:
         emap.map(lblk, pblk, n)

@@ -51,8 +51,10 @@ EINVAL         collapse: ``offset + length >= size`` (the range reaches EOF)
 EFBIG          insert: ``size + length`` past the maximum file size (or a block
                preallocated past EOF would move past it)
 EINVAL         insert: ``offset >= size``
-ENOSPC         allocate/zero: not enough free space for the holes; nothing is
-               allocated (all or nothing, unlike ext4 which keeps what it got)
+ENOSPC         allocate/zero: not enough free space for the holes, even after
+               the commit that releases the frees waiting for one
+               (`fusefs.reclaim`); nothing is allocated (all or nothing, unlike
+               ext4 which keeps what it got)
 EIO, ENOSPC    writeback of a dirty page in the range failed first: nothing changed
                (the dirty pages stay, and fsync reports the error too)
 =============  ================================================================
@@ -310,8 +312,10 @@ async def _zero_or_allocate(
     if need:
         lblk = holes[0][0]
         prev = emap.pblk_of(lblk - 1) if lblk > 0 else None
-        # All or nothing: NoSpace here leaves everything as it was.
-        runs = fs.alloc.allocate(need, hint=None if prev is None else prev + 1)
+        # All or nothing: NoSpace here leaves everything as it was.  On a full
+        # filesystem this may wait for a commit (`fusefs.reclaim`): the holes
+        # stay as they are, the range's pages are dropped and BLOCK keeps them out.
+        runs = await fs.reclaim.allocate(need, hint=None if prev is None else prev + 1)
     if mode & FALLOC_FL_ZERO_RANGE:
         try:
             for lblk, start, stop in edges:

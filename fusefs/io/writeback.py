@@ -24,8 +24,11 @@ A page over a hole that is *not* reserved is the state of race 6 in DESIGN §3:
 the cache believed the block allocated, the block was punched, and the write
 that dirtied the page took no reservation.  Writeback then has to allocate
 without a reservation; it counts that in ``writeback_unreserved`` and, if the
-filesystem is full, fails with ENOSPC — data the write() call already
+filesystem is full even after the commit that releases the frees waiting for
+one (`fusefs.reclaim`), fails with ENOSPC — data the write() call already
 acknowledged is lost.  The pagecache add lock keeps that state from arising.
+(A page whose failed writeback could not take its reservation back is
+unreserved too: it stays dirty, and its next writeback allocates the same way.)
 
 A failed run leaves its pages dirty and records the error on the mapping, so
 the next fsync of the file reports it (and later ones do not).
@@ -214,14 +217,18 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
             )
         if holes:
             hint = _hint(fs, mapping.inode.ino, first)
+            if unreserved:
+                # First, before anything is taken: on a full filesystem this
+                # may wait for a commit (`fusefs.reclaim`).  The run's pages
+                # are under writeback, so no BLOCK holder changes their blocks
+                # meanwhile and the holes stay holes.
+                io.new_runs += await fs.reclaim.allocate(unreserved, hint=hint)
             if reserved:
                 io.new_runs += fs.alloc.allocate(
                     len(reserved), reservation=cache.reservation, hint=hint
                 )
                 # The reservation was consumed by allocate.
                 cache.allocated_pages(mapping, reserved)
-            if unreserved:
-                io.new_runs += fs.alloc.allocate(unreserved, hint=hint)
         io.placements = _place(holes, io.new_runs)
     except FsError as e:
         _fail(fs, mapping, io, e)

@@ -196,6 +196,27 @@ def test_short_campaign_matrix(tmp_path: Path, site_names: set[str]) -> None:
 
 
 @pytest.mark.mount
+def test_space_workload_reaches_the_commit_on_enospc(tmp_path: Path) -> None:
+    """The space workload runs a small image out of space and frees it again at
+    once, so the commit-and-retry path (fusefs.reclaim) is reached: its fault site
+    gives clean ENOSPCs, and failing every other allocation (which fails some of
+    those commits) leaves nothing acknowledged lost."""
+    code, doc, output = campaign(
+        tmp_path,
+        *("--name", "nospace_commit_retry", "--name", "alloc_allocate"),
+        *("--mode", "frequency 2", "--workload", "space", "--size", "8M", "-j", "2"),
+    )
+    runs = {r["site"]: r for r in doc["runs"]}
+    assert set(runs) == {"nospace_commit_retry", "alloc_allocate"}, output
+    retry = runs["nospace_commit_retry"]
+    assert retry["outcome"] == "clean", retry
+    assert retry["fired"] >= 1
+    assert retry["errors"].get("ENOSPC", 0) >= 1, retry
+    assert runs["alloc_allocate"]["outcome"] == "clean", runs["alloc_allocate"]
+    assert code == 0, output
+
+
+@pytest.mark.mount
 def test_a_daemon_crash_is_reported_as_crash(tmp_path: Path, site_names: set[str]) -> None:
     assert CRASH_SITE in site_names, f"the crash self-test site {CRASH_SITE!r} is missing"
     code, doc, output = campaign(

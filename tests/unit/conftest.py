@@ -41,3 +41,15 @@ async def fs(image: Path) -> AsyncIterator[Filesystem]:
     if not fs.dev.closed:
         await fs.unmount()
     assert_fsck_clean(image)
+
+
+@pytest.fixture
+async def tiny_fs(tmp_path: Path) -> AsyncIterator[Filesystem]:
+    """A core on a 1 MiB image: 256 blocks, for ENOSPC."""
+    path = tmp_path / "tiny.img"
+    mkfs(path, 1 << 20)
+    fs = await Filesystem.mount(path, MountOptions(commit_interval=3600))
+    yield fs
+    if not fs.dev.closed:
+        await fs.unmount()
+    assert_fsck_clean(path)

@@ -269,6 +269,29 @@ def test_abandoned_commit_keeps_frees_for_the_next() -> None:
     finish(alloc)
 
 
+def test_reclaim_sequence_names_the_commit_that_releases_every_free() -> None:
+    alloc = Allocator(16)
+    alloc.allocate(16)
+    assert (alloc.reclaim_sequence(), alloc.durable_sequence) == (None, 0)
+    empty = alloc.commit_begin()  # a commit that frees nothing: nothing to wait for
+    assert alloc.reclaim_sequence() is None
+    alloc.commit_durable(empty)
+    alloc.free(0, 2)
+    assert alloc.reclaim_sequence() == 2  # the next commit to begin
+    token = alloc.commit_begin()
+    assert alloc.reclaim_sequence() == 2  # the one in flight
+    alloc.free(8, 2)
+    assert alloc.reclaim_sequence() == 3  # frees after it began: the next one
+    alloc.commit_abandoned(token)
+    assert (alloc.reclaim_sequence(), alloc.durable_sequence) == (3, 1)
+    token = alloc.commit_begin()
+    assert alloc.reclaim_sequence() == 3
+    alloc.commit_durable(token)
+    assert (alloc.reclaim_sequence(), alloc.durable_sequence) == (None, 3)
+    assert alloc.statistics().free == 4
+    finish(alloc)
+
+
 def test_commit_token_misuse() -> None:
     alloc = Allocator(16)
     token = alloc.commit_begin()

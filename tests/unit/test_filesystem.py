@@ -484,9 +484,11 @@ async def test_enospc_from_write(tmp_path: Path) -> None:
     assert await fs.read(fh, 0, done) == bytes(done)
     fs.cache.check()
     st = await fs.statfs()
-    assert st.blocks_avail == 0  # full: what is left is the metadata's reservation
+    assert st.blocks_avail == st.blocks_free == 0 < st.blocks  # full: the write came back short
     await fs.release(fh)
     await fs.unlink(ROOT_INO, b"f")
+    st = await fs.statfs()
+    assert 0 < st.blocks_avail == st.blocks_free < st.blocks  # the unlink's, before a commit
     await fs.unmount()
     assert_fsck_clean(image)
 

@@ -27,7 +27,6 @@ from trio.testing import wait_all_tasks_blocked
 from fusefs.errors import FsError
 from fusefs.faults import REGISTRY
 from fusefs.filesystem import Filesystem, MountOptions
-from fusefs.format import mkfs
 from fusefs.io.readahead import MAX_WINDOW
 from fusefs.io.writeback import MAX_RUN_PAGES, writeback_range
 from fusefs.namespace import ROOT_INO
@@ -132,18 +131,6 @@ async def small_fs(image: Path) -> AsyncIterator[Filesystem]:
     if not fs.dev.closed:
         await fs.unmount()
     assert_fsck_clean(image)
-
-
-@pytest.fixture
-async def tiny_fs(tmp_path: Path) -> AsyncIterator[Filesystem]:
-    """A core on a 1 MiB image: 256 blocks, for ENOSPC."""
-    path = tmp_path / "tiny.img"
-    mkfs(path, MiB)
-    fs = await Filesystem.mount(path, MountOptions(commit_interval=3600))
-    yield fs
-    if not fs.dev.closed:
-        await fs.unmount()
-    assert_fsck_clean(path)
 
 
 # hits and misses:

@@ -50,6 +50,7 @@ from tools.campaign.workloads import (
     DaemonGone,
     DataWorkload,
     Observations,
+    SpaceWorkload,
     classify,
     read_whole,
 )
@@ -68,7 +69,7 @@ class Outcome(enum.StrEnum):
 
 OUTCOMES: Final = tuple(Outcome)
 FAILURES: Final = frozenset({Outcome.CRASH, Outcome.HANG, Outcome.CORRUPTION, Outcome.FSCK_ERROR})
-WORKLOADS: Final = ("fsx", "data", "meta", "cycle")
+WORKLOADS: Final = ("fsx", "data", "meta", "cycle", "space")
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,8 @@ def _data_workloads(cfg: RunConfig, seed: int, workdir: Path) -> list[Workload]:
             out.append(DataWorkload(seed, ops=cfg.ops))
         elif name == "meta":
             out.append(MetaWorkload(seed, ops=cfg.ops))
+        elif name == "space":
+            out.append(SpaceWorkload(seed, ops=cfg.ops))
     return out
 
 

@@ -155,24 +155,26 @@ class DataWorkload:
     def run(self, root: Path, obs: Observations, deadline: Callable[[], None]) -> None:
         self.root = root
         try:
-            if not self._setup(obs):
-                return
-            for i in range(self.nops):
-                deadline()
-                live = [f for f in self.files if not f.lost]
-                if not live:
-                    return
-                f = self.rng.choice(live)
-                if (i + 1) % self.fsync_every == 0:
-                    self._fsync(f, obs)
-                else:
-                    self._random_op(f, obs)
-                obs.ops += 1
-            for f in self.files:
-                if not f.lost:
-                    self._fsync(f, obs)
+            if self._setup(obs):
+                self._ops(obs, deadline)
         finally:
             self._close()
+
+    def _ops(self, obs: Observations, deadline: Callable[[], None]) -> None:
+        for i in range(self.nops):
+            deadline()
+            live = [f for f in self.files if not f.lost]
+            if not live:
+                return
+            f = self.rng.choice(live)
+            if (i + 1) % self.fsync_every == 0:
+                self._fsync(f, obs)
+            else:
+                self._random_op(f, obs)
+            obs.ops += 1
+        for f in self.files:
+            if not f.lost:
+                self._fsync(f, obs)
 
     def _path(self, f: DataFile) -> Path:
         return self.root / self.dir / f.name
@@ -410,6 +412,57 @@ class DataWorkload:
         return problems
 
 
+class SpaceWorkload(DataWorkload):
+    """Runs the filesystem out of space and frees it again at once (fusefs.reclaim).
+
+    Each round fills the filesystem through one file (a write of more than
+    ``statvfs`` shows, which comes back short or with ENOSPC), fsyncs it,
+    truncates it to nothing -- its blocks now wait for a commit -- and at once
+    writes as much as ``statvfs`` shows to the other file, buffered or O_DIRECT:
+    the write that needs the freed blocks commits to get them, which is where
+    the ``nospace_commit_retry`` site sits.  The files are the data workload's,
+    with its model and read-back checks.  Its files grow to the image's size:
+    use it with a small image (``--size 8M``)."""
+
+    name = "space"
+
+    def __init__(self, seed: int, *, ops: int = 120) -> None:
+        super().__init__(seed, ops=ops, files=2, fallocate=False)
+        self.rng = random.Random(f"{seed}:space")
+        self.dir = "space"
+        self.rounds = max(2, ops // 30)
+
+    def _ops(self, obs: Observations, deadline: Callable[[], None]) -> None:
+        fill, again = self.files
+        for _ in range(self.rounds):
+            deadline()
+            if fill.lost or again.lost:
+                return
+            self._write(fill, obs, len(fill.content), self._over_the_top(1), direct=False)
+            self._fsync(fill, obs)
+            self._truncate(fill, obs, 0)
+            direct = self.direct and self.rng.random() < 0.5 and again.name in self._dfds
+            data = self._over_the_top(0)
+            if direct:
+                data = data[: len(data) // BS * BS]
+            self._write(again, obs, 0, data, direct=direct)
+            self._fsync(again, obs)
+            self._truncate(again, obs, 0)
+            obs.ops += 5
+        for f in self.files:
+            if not f.lost:
+                self._fsync(f, obs)
+
+    def _over_the_top(self, extra_blocks: int) -> bytes:
+        """As many bytes as ``statvfs`` shows free, plus ``extra_blocks`` blocks."""
+        try:
+            sv = os.statvfs(self.root)
+            free = sv.f_bavail * sv.f_frsize
+        except OSError:
+            free = 0
+        return self.rng.randbytes(max(BS, free + extra_blocks * BS))
+
+
 def _mix_ok(got: bytes, old: bytes, new: bytes | bytearray, span: tuple[int, int]) -> bool:
     """Whether ``got`` is ``old`` outside ``span`` and byte-wise old or new inside it,
     with a size between the two sizes."""
@@ -453,6 +506,7 @@ __all__ = [
     "DaemonGone",
     "DataWorkload",
     "Observations",
+    "SpaceWorkload",
     "classify",
     "fallocate_model",
     "read_whole",
