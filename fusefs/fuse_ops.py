@@ -353,7 +353,7 @@ class FuseOperations(pyfuse3.Operations):
     async def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> None:
         if self.control.owns(inode):
             raise NotSupported("fallocate: a control file has no blocks")
-        await self.fs.fallocate(inode, mode, offset, length)
+        await self.fs.fallocate(inode, mode, offset, length, route="kernel")
         # As after ``.fusefs/fallocate``: times (and maybe the size) changed in the
         # core; the kernel must not serve cached attributes for CACHE_TIMEOUT.  Only
         # attributes, so no page lock: safe from the request itself.
