@@ -32,7 +32,6 @@ anything else with EINVAL).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -43,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from fusefs.cli import fallocate_fd
 from tools.fsx.model import BS, FALLOC_MODES
 
 CONTROL_DIR: Final = ".fusefs"
@@ -101,23 +101,8 @@ class Control:
         return out
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate_syscall() -> Callable[[int, int, int, int], int]:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _libc.fallocate.restype = ctypes.c_int
-    fn: Callable[[int, int, int, int], int] = _libc.fallocate
-    return fn
-
-
 def kernel_fallocate(fd: int, mode: str, offset: int, length: int) -> None:
-    if _fallocate_syscall()(fd, FALLOC_FLAGS[mode], offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    fallocate_fd(fd, FALLOC_FLAGS[mode], offset, length)
 
 
 @dataclass
