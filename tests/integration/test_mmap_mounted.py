@@ -22,6 +22,7 @@ import pytest
 from fusefs.cli import fallocate_fd
 
 from .conftest import FuseMount, control_write, stats
+from .test_mount import write_file
 
 pytestmark = pytest.mark.mount
 
@@ -32,14 +33,6 @@ PUNCH_KEEP = 0x03
 def counters(m: FuseMount) -> tuple[int, int]:
     st = stats(m.mountpoint)
     return int(st["reads"]), int(st["bytes_read"])
-
-
-def write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def test_private_mapping_faults_reach_fusefs_as_reads(shared_mount: FuseMount, work: str) -> None:
