@@ -287,13 +287,21 @@ def _lazy_unmount(mountpoint: Path) -> None:
 
 @contextmanager
 def fusefs_mounted(
-    cli: Sequence[str], work: Path, options: str, errors: list[str]
+    cli: Sequence[str],
+    work: Path,
+    options: str,
+    errors: list[str],
+    *,
+    prepare: Callable[[Path], None] | None = None,
 ) -> Iterator[Target]:
-    """A fresh fusefs image mounted through the CLI; unmounted (and its daemon gone) after."""
+    """A fresh fusefs image mounted through the CLI; unmounted (and its daemon gone) after.
+    ``prepare(image)`` runs between mkfs and mount (to fill the image in-process)."""
     image = work / "fusefs.img"
     mountpoint = work / "mnt-fusefs"
     mountpoint.mkdir()
     _run_command([*cli, "mkfs", str(image), "--size", IMAGE_SIZE], "fusefs mkfs", 120)
+    if prepare is not None:
+        prepare(image)
     mount = [*cli, "mount", str(image), str(mountpoint)]
     if options:
         mount += ["-o", options]

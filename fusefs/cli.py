@@ -11,16 +11,21 @@ foreground instead.  ``umount`` runs ``fusermount3 -u``, waits for the daemon to
 commit and exit, and reads its verdict from the status file ``IMAGE.status``
 (described in daemon.py): exit 0 only after a clean shutdown.
 
-``fallocate`` takes util-linux fallocate(1)'s flags and sizes and goes through the
-``.fusefs/fallocate`` control file of the mount holding the file (the one way to
-collapse and insert range: the kernel's fallocate(2) forwards neither to FUSE,
-docs/fallocate.md); ``drop-caches`` and
-``lock`` write ``.fusefs/drop_caches`` and ``.fusefs/pagecache_lock``.
+``fallocate`` takes util-linux fallocate(1)'s flags and sizes.  A mode the
+kernel's FUSE driver forwards (allocate, keep size, punch hole, zero range) goes
+through fallocate(2) on the file, like util-linux; collapse and insert range
+through the ``.fusefs/fallocate`` control file of the mount holding the file
+(the kernel forwards neither to FUSE: docs/fallocate.md), and so does a
+forwarded mode that fallocate(2) refuses with EOPNOTSUPP (an older kernel
+without zero range), with a line on stderr saying so.  ``--route`` forces
+either way.  ``drop-caches`` and ``lock`` write ``.fusefs/drop_caches`` and
+``.fusefs/pagecache_lock``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import os
 import re
@@ -492,6 +497,25 @@ def _fallocate_mode(args: argparse.Namespace) -> str:
     return "keep_size" if args.keep_size else "alloc"
 
 
+# The modes the kernel's FUSE driver forwards to the filesystem (fuse_file_fallocate).
+KERNEL_FALLOCATE_MODES: Final = frozenset({"alloc", "keep_size", "punch", "zero", "zero,keep_size"})
+_libc: ctypes.CDLL | None = None
+
+
+def fallocate_fd(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with the FALLOC_FL_* flags ``mode``; the errno raises as OSError.
+    (Python has only ``os.posix_fallocate``, mode 0, which glibc turns into
+    writes of zeros where the filesystem refuses.)"""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc.fallocate.restype = ctypes.c_int
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def cmd_fallocate(args: argparse.Namespace) -> int:
     mode = _fallocate_mode(args)
     if args.length is None:
@@ -508,14 +532,47 @@ def cmd_fallocate(args: argparse.Namespace) -> int:
     try:
         path = os.path.realpath(args.file)
         root = _mount_root(path)
-        target = os.path.relpath(path, root)
-        command = f"path={shlex.quote(target)} mode={mode} offset={offset} length={length}"
-        result = _run_fallocate(root, command, args.file)
+        kernel = args.route == "kernel" or (args.route == "auto" and mode in KERNEL_FALLOCATE_MODES)
+        result = None
+        if kernel:
+            result = _kernel_fallocate(fd, mode, offset, length, args)
+        if result is None:
+            target = os.path.relpath(path, root)
+            command = f"path={shlex.quote(target)} mode={mode} offset={offset} length={length}"
+            result = _run_fallocate(root, command, args.file) + " via .fusefs/fallocate"
     finally:
         os.close(fd)
     if args.verbose:
         print(f"{args.file}: {result}")
     return 0
+
+
+def _kernel_fallocate(
+    fd: int, mode: str, offset: int, length: int, args: argparse.Namespace
+) -> str | None:
+    """fallocate(2) on ``fd``: its result line, or None where ``auto`` should fall
+    back to the control file (EOPNOTSUPP)."""
+    from fusefs.io.fallocate import CANONICAL_MODES
+
+    flags = {name: bits for bits, name in CANONICAL_MODES.items()}[mode]
+    try:
+        fallocate_fd(fd, flags, offset, length)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP and args.route == "auto":
+            print(
+                f"fusefs fallocate: fallocate(2) refused {mode} ({e.strerror}): "
+                "through .fusefs/fallocate",
+                file=sys.stderr,
+            )
+            return None
+        _fail(
+            f"{e.strerror}: {args.file}: fallocate(2) mode={mode} offset={offset} length={length}"
+        )
+    st = os.fstat(fd)
+    return (
+        f"ok ino={st.st_ino} mode={mode} offset={offset} length={length} size={st.st_size} "
+        "via fallocate(2)"
+    )
 
 
 def _run_fallocate(root: str, command: str, name: str) -> str:
@@ -640,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--offset", metavar="N", help="where the range starts (default 0)")
     p.add_argument("-l", "--length", metavar="N", help="range length: 4096, 64K, 1MiB, 1MB")
     p.add_argument("-v", "--verbose", action="store_true", help="print the result line")
+    p.add_argument(
+        "--route",
+        choices=["auto", "kernel", "control"],
+        default="auto",
+        help="fallocate(2) (kernel) or .fusefs/fallocate (control); auto (default): "
+        "fallocate(2) for the modes the kernel forwards, else the control file",
+    )
     p.add_argument("file")
 
     p = command("drop-caches", cmd_drop_caches, "write back dirty pages, drop clean ones")

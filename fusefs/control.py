@@ -82,11 +82,13 @@ from fusefs.faults import REGISTRY
 from fusefs.filesystem import Attr, Filesystem
 from fusefs.format import parse_size
 from fusefs.io.fallocate import (
+    CANONICAL_MODES,
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_INSERT_RANGE,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
+    mode_name,
 )
 from fusefs.namespace import ROOT_INO
 from fusefs.pagecache import MIN_CACHE_SIZE
@@ -339,7 +341,9 @@ class ControlDir:
             raise
         try:
             inode = self._fs.ns.get(self._target(request))
-            await self._fs.fallocate(inode.ino, request.mode, request.offset, request.length)
+            await self._fs.fallocate(
+                inode.ino, request.mode, request.offset, request.length, route="control"
+            )
         except FsError as e:
             self._fallocate_result = f"error {_errname(e.code)}: {e}"
             log.info("fallocate %s: %s", request, self._fallocate_result)
@@ -421,22 +425,8 @@ FALLOCATE_MODES: Final[Mapping[str, int]] = {
     "insert": FALLOC_FL_INSERT_RANGE,
     "insert_range": FALLOC_FL_INSERT_RANGE,
 }
-_CANONICAL_MODES: Final = {
-    0: "alloc",
-    FALLOC_FL_KEEP_SIZE: "keep_size",
-    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch",
-    FALLOC_FL_ZERO_RANGE: "zero",
-    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero,keep_size",
-    FALLOC_FL_COLLAPSE_RANGE: "collapse",
-    FALLOC_FL_INSERT_RANGE: "insert",
-}
 _TRUE: Final = frozenset({"1", "yes", "true", "on"})
 _FALSE: Final = frozenset({"0", "no", "false", "off"})
-
-
-def mode_name(mode: int) -> str:
-    """``collapse``, ``zero,keep_size``... or the flags in hex for anything else."""
-    return _CANONICAL_MODES.get(mode, f"{mode:#x}")
 
 
 def parse_mode(text: str) -> int:
@@ -450,7 +440,7 @@ def parse_mode(text: str) -> int:
         try:
             value = int(word, 0)
         except ValueError:
-            names = "/".join(_CANONICAL_MODES.values())
+            names = "/".join(CANONICAL_MODES.values())
             raise InvalidArgument(f"fallocate: unknown mode {word!r} (one of {names})") from None
         if value < 0:
             raise InvalidArgument(f"fallocate: negative mode {word!r}")

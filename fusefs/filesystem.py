@@ -192,7 +192,17 @@ class Filesystem:
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
         self._done = trio.Event()
-        self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0}
+        self.counters = {
+            "reads": 0,
+            "writes": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "seek_data": 0,
+            "seek_hole": 0,
+        }
+        # fallocate requests by route ("kernel": fallocate(2); "control":
+        # ``.fusefs/fallocate``) and mode name, counted as they arrive.
+        self.fallocate_requests: dict[str, dict[str, int]] = {"kernel": {}, "control": {}}
         self.cache = PageCache(self.block_size, alloc, limit_bytes=options.cache_size)
         self.cache.set_lock_enabled(options.pagecache_lock)
         # ENOSPC while frees wait for a commit: commit and try once more.
@@ -640,16 +650,26 @@ class Filesystem:
         self._check_writable()
         await truncate_inode(self, inode, size)
 
-    async def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
-        """fallocate(2), every mode (`io.fallocate`): FALLOC_FL_* flags in ``mode``."""
+    async def fallocate(
+        self, ino: int, mode: int, offset: int, length: int, *, route: str | None = None
+    ) -> None:
+        """fallocate(2), every mode (`io.fallocate`): FALLOC_FL_* flags in ``mode``.
+        ``route`` (``kernel``, ``control``) counts the request in the stats."""
         from fusefs.io.fallocate import fallocate as fallocate_inode
+        from fusefs.io.fallocate import mode_name
 
+        if route is not None:
+            counts = self.fallocate_requests.setdefault(route, {})
+            name = mode_name(mode)
+            counts[name] = counts.get(name, 0) + 1
         await fallocate_inode(self, self.ns.get(ino), mode, offset, length)
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """lseek(2) with SEEK_DATA or SEEK_HOLE (`io.seek`); the kernel answers the rest."""
-        from fusefs.io.seek import seek
+        from fusefs.io.seek import SEEK_DATA, SEEK_HOLE, seek
 
+        if whence in (SEEK_DATA, SEEK_HOLE):
+            self.counters["seek_data" if whence == SEEK_DATA else "seek_hole"] += 1
         return await seek(self, self._file(fh).inode, offset, whence)
 
     async def flush(self, fh: int) -> None:
@@ -830,6 +850,9 @@ class Filesystem:
             "dev_writes": dev.writes,
             "dev_flushes": dev.flushes,
             **self.counters,
+            "fallocate": {
+                route: dict(sorted(c.items())) for route, c in self.fallocate_requests.items()
+            },
             "cache_pages": cache.pages,
             "cache_bytes": cache.memory_bytes,
             "cache_limit_bytes": cache.limit_bytes,

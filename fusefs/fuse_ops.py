@@ -28,6 +28,21 @@ Attribute-only invalidation takes no page lock and is done synchronously
 (`invalidate_attr`), so that the ``stat`` right after a ``.fusefs/fallocate``
 write already sees the new size.
 
+A write to a control file does not reply before the invalidations it queued
+are done (`invalidations_flushed`: the request waits, the loop goes on serving
+the reads a fault may need): otherwise a private mapping that was already
+faulted in would show the old data of a range that ``.fusefs/fallocate`` has
+just punched, zeroed or shifted, for as long as the worker thread takes -- the
+write has returned, the change is not visible.  What the kernel itself sends
+(fallocate(2), truncate, write(2)) needs no such wait: the kernel's FUSE
+driver drops its own pages of the range after the reply (``fuse_file_fallocate``
+calls ``truncate_pagecache_range`` for punch and zero range; truncate and
+direct_io writes likewise), and every new mapping of a ``direct_io`` file
+starts with the inode's page cache invalidated (``fuse_file_mmap``).  A fault
+racing any of these cannot leave a stale page behind: its page is locked in
+the kernel's cache before its read is sent, and the invalidation waits for
+that lock (docs/fallocate.md, "Private mappings").
+
 ``fallocate`` needs the patched pyfuse3 (patches/pyfuse3/; stock 3.5.0 never calls
 it, and the kernel then fails every fallocate(2) with EOPNOTSUPP).  The kernel
 forwards only modes 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (± KEEP_SIZE);
@@ -153,6 +168,12 @@ class FuseOperations(pyfuse3.Operations):
         self._invalidate_send, self._invalidate_receive = trio.open_memory_channel[
             tuple[int, bool]
         ](math.inf)
+        # How many invalidations were queued, and how many of them are done
+        # (protected by being touched only from the trio thread).
+        self._invalidations_queued = 0
+        self._invalidations_done = 0
+        self._invalidations_running = False
+        self._invalidations_lot = trio.lowlevel.ParkingLot()
 
     def invalidate_attr(self, ino: int) -> None:
         """Make the kernel forget its cached attributes of `ino` (size changed behind
@@ -163,25 +184,43 @@ class FuseOperations(pyfuse3.Operations):
         """`Filesystem.invalidate_hook`: queue the invalidation of the kernel's cached
         data (unless ``attr_only``) and attributes of `ino` for `run_invalidations`.
         Never blocks and never calls into the kernel from the request."""
+        self._invalidations_queued += 1
         self._invalidate_send.send_nowait((ino, attr_only))
+
+    async def invalidations_flushed(self) -> None:
+        """Wait until every invalidation queued so far has been sent to the kernel
+        (at once when none is pending, or when `run_invalidations` is not running)."""
+        target = self._invalidations_queued
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._invalidations_running and self._invalidations_done < target:
+            await self._invalidations_lot.park()
 
     async def run_invalidations(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve `invalidate_kernel`'s queue until cancelled: each batch (one entry
         per inode; data wins over attributes only) in one worker-thread call."""
+        self._invalidations_running = True
         task_status.started()
-        async for ino, attr_only in self._invalidate_receive:
-            batch = {ino: attr_only}
-            while True:
-                try:
-                    ino, attr_only = self._invalidate_receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                batch[ino] = batch.get(ino, True) and attr_only
-            # abandon_on_cancel: an unmount must not wait on a kernel that may be
-            # waiting on us.
-            await trio.to_thread.run_sync(_invalidate_batch, batch, abandon_on_cancel=True)
+        try:
+            async for ino, attr_only in self._invalidate_receive:
+                batch = {ino: attr_only}
+                taken = 1
+                while True:
+                    try:
+                        ino, attr_only = self._invalidate_receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    batch[ino] = batch.get(ino, True) and attr_only
+                    taken += 1
+                # abandon_on_cancel: an unmount must not wait on a kernel that may be
+                # waiting on us.
+                await trio.to_thread.run_sync(_invalidate_batch, batch, abandon_on_cancel=True)
+                self._invalidations_done += taken
+                self._invalidations_lot.unpark_all()
+        finally:
+            self._invalidations_running = False
+            self._invalidations_lot.unpark_all()
 
     def _check_mutable(self, parent: int, name: bytes) -> None:
         if self.control.owns(parent) or self.control.is_entry(parent, name):
@@ -336,7 +375,11 @@ class FuseOperations(pyfuse3.Operations):
         if dynamic_fault("daemon_crash", cls="error:selftest"):
             os.abort()
         if self.control.owns(fh):
-            return await self.control.write(fh, buf)
+            try:
+                return await self.control.write(fh, buf)
+            finally:
+                # A change behind the kernel's back is visible once write() returns.
+                await self.invalidations_flushed()
         return await self.fs.write(fh, off, buf)
 
     @errno_boundary
@@ -353,7 +396,11 @@ class FuseOperations(pyfuse3.Operations):
     async def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> None:
         if self.control.owns(inode):
             raise NotSupported("fallocate: a control file has no blocks")
-        await self.fs.fallocate(inode, mode, offset, length)
+        # Self-test site: answer as a kernel that does not forward the mode would
+        # (EOPNOTSUPP), so the fallbacks to ``.fusefs/fallocate`` can be shown.
+        if dynamic_fault("fallocate_kernel_unsupported", cls="error:selftest"):
+            raise NotSupported(f"fallocate: mode {mode:#x} refused (self-test site)")
+        await self.fs.fallocate(inode, mode, offset, length, route="kernel")
         # As after ``.fusefs/fallocate``: times (and maybe the size) changed in the
         # core; the kernel must not serve cached attributes for CACHE_TIMEOUT.  Only
         # attributes, so no page lock: safe from the request itself.

@@ -117,6 +117,24 @@ SUPPORTED_MODES: Final = (
 )
 
 
+# The name of each mode fusefs implements, as ``.fusefs/fallocate`` and the
+# stats (``fallocate.kernel.punch``) spell it.
+CANONICAL_MODES: Final = {
+    0: "alloc",
+    FALLOC_FL_KEEP_SIZE: "keep_size",
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch",
+    FALLOC_FL_ZERO_RANGE: "zero",
+    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero,keep_size",
+    FALLOC_FL_COLLAPSE_RANGE: "collapse",
+    FALLOC_FL_INSERT_RANGE: "insert",
+}
+
+
+def mode_name(mode: int) -> str:
+    """``collapse``, ``zero,keep_size``... or the flags in hex for anything else."""
+    return CANONICAL_MODES.get(mode, f"{mode:#x}")
+
+
 def check_mode(mode: int, offset: int, length: int) -> None:
     """The checks that need neither the inode nor the size (vfs_fallocate's)."""
     if offset < 0 or length <= 0:

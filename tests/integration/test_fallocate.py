@@ -11,9 +11,10 @@ import errno
 import mmap
 import os
 import subprocess
-import time
 
 import pytest
+
+from fusefs.io.fallocate import mode_name
 
 from .conftest import FuseMount, control_read, control_write, fusefs, stats
 
@@ -212,7 +213,8 @@ def test_stat_sees_the_new_size_at_once(shared_mount: FuseMount, work: str) -> N
 
 def test_private_mapping_sees_the_punch(shared_mount: FuseMount, work: str) -> None:
     """Private mappings fill the kernel's page cache behind fusefs's back; the core
-    invalidates it (from a worker thread) when it changes the data under it."""
+    invalidates it (from a worker thread) when it changes the data under it, and
+    the control file's write() returns once that is done."""
     root = str(shared_mount.mountpoint)
     path = os.path.join(work, "f")
     make(path, b"A" * (4 * BS))
@@ -222,10 +224,7 @@ def test_private_mapping_sees_the_punch(shared_mount: FuseMount, work: str) -> N
             assert m[BS : BS + 4] == b"AAAA"  # now in the kernel's page cache
             rel = os.path.relpath(path, root)
             control_write(root, "fallocate", f"path={rel} mode=punch offset={BS} length={BS}")
-            deadline = time.monotonic() + 5
-            while m[BS : BS + 4] != bytes(4):
-                assert time.monotonic() < deadline, "the kernel kept its stale page"
-                time.sleep(0.005)
+            assert m[BS : BS + 4] == bytes(4), "the kernel kept its stale page"
             assert m[0:4] == b"AAAA"
     finally:
         os.close(fd)
@@ -261,18 +260,83 @@ CLI_CASES = [
 ]
 
 
-def test_cli_flags(shared_mount: FuseMount, work: str) -> None:
+def route_counts(root: str) -> dict[str, int]:
+    return {k: int(v) for k, v in stats(root).items() if k.startswith("fallocate.")}
+
+
+def one_request(before: dict[str, int], after: dict[str, int]) -> str:
+    """The one ``fallocate.ROUTE.MODE`` counter that moved, by exactly one."""
+    moved = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert list(moved.values()) == [1], moved
+    return next(iter(moved))
+
+
+@pytest.mark.parametrize("route", ["auto", "control"])
+def test_cli_flags(shared_mount: FuseMount, work: str, route: str) -> None:
+    """Every flag does what util-linux's does, and reaches fusefs the way it
+    should: by default through fallocate(2) for every mode the kernel forwards
+    and through the control file for collapse and insert; ``--route control``
+    through the control file for all."""
+    root = str(shared_mount.mountpoint)
     for i, (flags, mode, offset, length) in enumerate(CLI_CASES):
         path = os.path.join(work, f"f{i}")
         data = pattern(SIZE, i)
         make(path, data)
-        done = fusefs("fallocate", *flags, "-o", str(offset), "-l", str(length), path)
+        before = route_counts(root)
+        done = fusefs(
+            "fallocate", "--route", route, *flags, "-o", str(offset), "-l", str(length), path
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout == ""
         assert done.stderr == ""
         want = model(data, mode, offset, length)
         assert os.stat(path).st_size == len(want), flags
         assert contents(path) == want, flags
+        name = mode_name(mode)
+        kernel = route == "auto" and mode not in (COLLAPSE, INSERT)
+        via = "kernel" if kernel else "control"
+        assert one_request(before, route_counts(root)) == f"fallocate.{via}.{name}", flags
+
+
+def test_cli_kernel_route_and_fallback(shared_mount: FuseMount, work: str) -> None:
+    """``--route kernel`` is fallocate(2) alone: collapse and insert get the
+    kernel's EOPNOTSUPP as a one-line error.  A forwarded mode that fallocate(2)
+    refuses (the self-test site answers EOPNOTSUPP, as a kernel that does not
+    forward zero range would) falls back to the control file, saying so."""
+    root = str(shared_mount.mountpoint)
+    path = os.path.join(work, "f")
+    data = pattern(SIZE)
+    make(path, data)
+    done = fusefs("fallocate", "--route", "kernel", "-c", "-l", "4K", path)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"fusefs fallocate: Operation not supported: {path}: fallocate(2) mode=collapse "
+        "offset=0 length=4096\n"
+    )
+    assert contents(path) == data
+    done = fusefs("fallocate", "-v", "-z", "-o", "100", "-l", "5000", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(" via fallocate(2)\n"), done.stdout
+    data = model(data, ZERO, 100, 5000)
+    control_write(root, "dynamic_fault", "name fallocate_kernel_unsupported enable")
+    try:
+        before = route_counts(root)
+        done = fusefs("fallocate", "-v", "-p", "-o", str(BS), "-l", str(2 * BS), path)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == (
+            "fusefs fallocate: fallocate(2) refused punch (Operation not supported): "
+            "through .fusefs/fallocate\n"
+        )
+        assert done.stdout.endswith(" via .fusefs/fallocate\n"), done.stdout
+        assert one_request(before, route_counts(root)) == "fallocate.control.punch"
+        data = model(data, PUNCH | KEEP, BS, 2 * BS)
+        assert contents(path) == data
+        done = fusefs("fallocate", "--route", "kernel", "-n", "-l", "1M", path)
+        assert done.returncode == 1
+        assert "Operation not supported" in done.stderr
+    finally:
+        control_write(root, "dynamic_fault", "name fallocate_kernel_unsupported disable")
+    assert contents(path) == data
 
 
 def test_cli_sizes_create_and_errors(shared_mount: FuseMount, work: str) -> None:

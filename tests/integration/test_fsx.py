@@ -2,10 +2,12 @@
 mount (the console script's module in a subprocess, as a user runs it).
 
 On the mount: several seeds x (buffered, O_DIRECT only, mixed with a full check
-after every op), each exercising every fallocate mode through
-``.fusefs/fallocate``; the lock-off race run that must fail, and the same seed
-passing with the lock on; ``--minimize`` and ``--replay-ops`` on that failure; a
-planted corrupting fault caught and replayed exactly; a short ``--procs 4``.
+after every op), each exercising every fallocate mode; each fallocate route
+(fallocate(2), ``.fusefs/fallocate``, and both), counted by the mount's stats;
+the SEEK_DATA/SEEK_HOLE check catching planted wrong answers; the lock-off race
+run that must fail, and the same seed passing with the lock on; ``--minimize``
+and ``--replay-ops`` on that failure; a planted corrupting fault caught and
+replayed exactly; a short ``--procs 4``.
 The whole module stays well under 90 s on two cores.
 """
 
@@ -23,7 +25,7 @@ from tools.fsx import cli as fsx
 from tools.fsx.model import FALLOC_MODES, Op, parse_ops, stamp_bytes
 from tools.fsx.target import Target
 
-from .conftest import FuseMount, control_read
+from .conftest import FuseMount, control_read, stats
 
 FSX = [sys.executable, "-m", "tools.fsx"]
 CORRUPT_SITE = "blockdev_corrupt_write"
@@ -159,6 +161,46 @@ def test_corruption_is_reported_replayed_and_minimized(
     assert len(small) <= 2
 
 
+@pytest.fixture
+def lying_seek(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """SEEK_DATA/SEEK_HOLE answers that lie once the test puts a number N in the
+    returned list: from the Nth seek on, the file has no data (SEEK_DATA:
+    ENXIO; SEEK_HOLE: a hole right here) -- a filesystem that lost its data
+    map, with which ``cp --sparse`` would copy nothing."""
+    start: list[int] = []
+    real = Target.seek
+    calls = [0]
+
+    def seek(self: Target, offset: int, whence: int) -> int | None:
+        if start:
+            calls[0] += 1
+            if calls[0] >= start[0] and offset < self.size():
+                return None if whence == os.SEEK_DATA else offset
+        return real(self, offset, whence)
+
+    monkeypatch.setattr(Target, "seek", seek)
+    return start
+
+
+def test_seek_check_catches_data_called_a_hole_on_a_plain_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lying_seek: list[int]
+) -> None:
+    argv = ["-N", "200", "-S", "2", "-P", str(tmp_path / "logs"), str(tmp_path / "f")]
+    assert fsx.run(argv) == fsx.EXIT_OK
+    lying_seek.append(50)
+    assert fsx.run(argv) == fsx.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert re.search(r"FAILED: seek after op \d+: SEEK_DATA from \d+: calls \[", out), out
+    assert "a hole, but the model has data at" in out
+    # --no-seek-check turns the check off, and the lie goes unseen.
+    assert fsx.run(["--no-seek-check", *argv]) == fsx.EXIT_OK
+
+
+def test_control_route_needs_a_mount(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert fsx.run(["--fallocate-route", "control", str(tmp_path / "f")]) == fsx.EXIT_USAGE
+    assert "--fallocate-route control needs a fusefs mount" in capsys.readouterr().err
+
+
 def test_bad_replay_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -201,7 +243,7 @@ def test_fsx_passes_on_the_mount(
     assert "on a fusefs mount" in done.stdout
     assert "all 600 ops passed" in done.stdout
     recorded = parse_ops(ops.read_text())
-    assert fallocate_modes(ops) == set(FALLOC_MODES)  # every one via .fusefs/fallocate
+    assert fallocate_modes(ops) == set(FALLOC_MODES)  # fallocate(2) or .fusefs/fallocate
     kinds = {op.kind for op in recorded}
     if mode == "direct":
         assert kinds.isdisjoint({"read", "write", "readahead"})
@@ -210,6 +252,70 @@ def test_fsx_passes_on_the_mount(
         assert kinds.isdisjoint({"dread", "dwrite"})
     else:
         assert {"read", "write", "dread", "dwrite", "readahead", "drop_caches"} <= kinds
+
+
+KERNEL_MODES = ("alloc", "keep_size", "punch", "zero", "zero,keep_size")
+
+
+def route_counts(m: FuseMount) -> dict[str, int]:
+    """``fallocate.ROUTE.MODE`` counters of the mount's stats."""
+    return {k: int(v) for k, v in stats(m.mountpoint).items() if k.startswith("fallocate.")}
+
+
+def counted(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("route", ["auto", "kernel", "control"])
+def test_fallocate_routes_on_the_mount(
+    shared_mount: FuseMount, work: str, tmp_path: Path, route: str
+) -> None:
+    """Each route takes the modes it should, and the mount's stats show which
+    way each request came: fallocate(2) for every mode the kernel forwards,
+    the control file for collapse and insert (and for all with ``control``).
+    The seek check runs after every write, fallocate and truncate, and the full
+    SEEK_DATA/SEEK_HOLE walk after every op (-X)."""
+    ops = tmp_path / "ops"
+    before = route_counts(shared_mount)
+    done = fsx_cli(
+        "-N", "500", "-S", "8", "-X", "--fallocate-route", route, "--record-ops", ops,
+        "-P", tmp_path, os.path.join(work, "f"),
+    )  # fmt: skip
+    assert done.returncode == 0, output(done)
+    assert "all 500 ops passed" in done.stdout
+    used = {op.arg for op in parse_ops(ops.read_text()) if op.kind == "fallocate"}
+    delta = counted(before, route_counts(shared_mount))
+    n_by_mode = {m: sum(1 for op in parse_ops(ops.read_text()) if op.arg == m) for m in used}
+    # The probe makes one request per mode on the empty file before the run.
+    if route == "kernel":
+        assert "fallocate collapse: not supported here: turned off" in done.stdout
+        assert used == set(KERNEL_MODES)
+        assert delta == {f"fallocate.kernel.{m}": n_by_mode[m] + 1 for m in KERNEL_MODES}
+    elif route == "control":
+        assert used == set(FALLOC_MODES)
+        assert delta == {f"fallocate.control.{m}": n for m, n in n_by_mode.items()}
+    else:
+        assert "fallocate insert: fallocate(2) refuses it (EOPNOTSUPP)" in done.stdout
+        assert used == set(FALLOC_MODES)
+        want = {f"fallocate.kernel.{m}": n_by_mode[m] + 1 for m in KERNEL_MODES}
+        want |= {f"fallocate.control.{m}": n_by_mode[m] for m in ("collapse", "insert")}
+        assert delta == want
+
+
+@pytest.mark.mount
+def test_seek_check_is_exact_on_the_mount(
+    work: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], lying_seek: list[int]
+) -> None:
+    """On fusefs the check compares every answer with the model's exactly."""
+    argv = ["-N", "200", "-S", "2", "-P", str(tmp_path), os.path.join(work, "f")]
+    assert fsx.run(argv) == fsx.EXIT_OK
+    lying_seek.append(50)
+    assert fsx.run(argv) == fsx.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert re.search(
+        r"FAILED: seek after op \d+: SEEK_DATA from \d+ gave ENXIO, the model says \d+", out
+    ), out
 
 
 @pytest.fixture

@@ -1,14 +1,21 @@
-"""fsx's pure parts: stamped data, the op text format, the model, generation,
-lineage, the minimizer, and the ``--procs`` checker on synthetic logs."""
+"""fsx's pure parts: stamped data, the op text format, the model (bytes, and
+where its data and holes are for SEEK_DATA/SEEK_HOLE, checked against the core
+itself), generation, lineage, the minimizer, and the ``--procs`` checker on
+synthetic logs."""
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fusefs.errors import FsError
+from fusefs.filesystem import Filesystem
+from fusefs.namespace import ROOT_INO
 from tools.fsx.model import (
     ALL_KINDS,
     BS,
@@ -29,6 +36,7 @@ from tools.fsx.model import (
     format_ops,
     parse_op,
     parse_ops,
+    seek_walk,
     size_after,
     stamp_bytes,
     touching,
@@ -44,6 +52,7 @@ from tools.fsx.procs import (
     check_read,
     explain,
 )
+from tools.fsx.target import FALLOC_FLAGS
 
 # stamped data:
 
@@ -177,6 +186,148 @@ def test_model_fallocate_modes() -> None:
 def test_model_write_past_eof_and_truncate_both_ways() -> None:
     after = model_after(Op("write", 10, 4, stamp=1), Op("truncate", 12), Op("truncate", 20))
     assert after == bytes(10) + stamp_bytes(0, 1, 10, 2) + bytes(8)
+
+
+# where the model says data and holes are:
+
+
+def fa(mode: str, off: int, length: int) -> Op:
+    return Op("fallocate", off, length, arg=mode)
+
+
+def model_of(*ops: Op) -> Model:
+    m = Model()
+    for op in ops:
+        m.apply(op)
+    return m
+
+
+def test_model_seek_writes_are_data_preallocation_and_holes_are_not() -> None:
+    # Blocks: 0 written, 1 hole, 2 preallocated, 3 written at 1 byte, 4 hole, then
+    # 100 bytes of block 5 written: size 5 blocks + 100.
+    m = model_of(
+        Op("write", 0, BS, stamp=1),
+        fa("alloc", 2 * BS, BS),
+        Op("write", 3 * BS + 7, 1, stamp=2),
+        Op("write", 5 * BS, 100, stamp=3),
+    )
+    assert m.size == 5 * BS + 100
+    assert m.data_segments() == [(0, BS), (3 * BS, 4 * BS), (5 * BS, 5 * BS + 100)]
+    assert m.seek_data(10) == 10  # never before the offset
+    assert m.seek_data(BS) == 3 * BS  # the hole and the preallocated block skipped
+    assert m.seek_hole(10) == BS
+    assert m.seek_hole(3 * BS + 5) == 4 * BS
+    assert m.seek_hole(5 * BS) == m.size  # EOF is a hole
+    assert m.seek_data(m.size) is None  # at EOF: ENXIO
+    assert m.seek_hole(m.size + 1) is None
+    assert model_of(fa("alloc", 0, 3 * BS)).seek_data(0) is None  # all preallocated: ENXIO
+
+
+def test_model_seek_punch_and_zero_range_keep_their_partial_edges_as_data() -> None:
+    full = Op("write", 0, 6 * BS, stamp=1)
+    # Punch from the middle of block 1 to the middle of block 4: blocks 2, 3 go;
+    # 1 and 4 are zeroed in part and stay data (a written block of zeros is data).
+    m = model_of(full, fa("punch", BS + 100, 3 * BS))
+    assert m.data_segments() == [(0, 2 * BS), (4 * BS, 6 * BS)]
+    assert m.expect_read(2 * BS, BS) == bytes(BS)
+    # Zero range: the whole blocks become unwritten (holes), the edges stay data.
+    m = model_of(full, fa("zero,keep_size", BS + 100, 3 * BS))
+    assert m.data_segments() == [(0, 2 * BS), (4 * BS, 6 * BS)]
+    # Zero range over holes preallocates: still holes, and the size grows.
+    m = model_of(Op("write", 0, 10, stamp=1), fa("zero", 3 * BS, 2 * BS + 1))
+    assert (m.size, m.data_segments()) == (5 * BS + 1, [(0, BS)])
+    # A write into preallocated or zeroed blocks makes them data again.
+    m.apply(Op("write", 4 * BS + 1, 1, stamp=2))
+    assert m.data_segments() == [(0, BS), (4 * BS, 5 * BS)]
+
+
+def test_model_seek_collapse_insert_and_truncate_move_and_drop_blocks() -> None:
+    m = model_of(
+        Op("write", 0, BS, stamp=1),
+        Op("write", 3 * BS, BS, stamp=2),
+        Op("write", 6 * BS, BS, stamp=3),
+    )
+    assert m.data_segments() == [(0, BS), (3 * BS, 4 * BS), (6 * BS, 7 * BS)]
+    m.apply(fa("collapse", BS, 2 * BS))  # blocks 3.. move down by 2
+    assert m.data_segments() == [(0, 2 * BS), (4 * BS, 5 * BS)]
+    m.apply(fa("insert", BS, 3 * BS))  # block 1.. move up by 3
+    assert m.data_segments() == [(0, BS), (4 * BS, 5 * BS), (7 * BS, 8 * BS)]
+    # Preallocated past EOF: kept by a truncate up, dropped by a truncate down.
+    m.apply(fa("keep_size", 8 * BS, 4 * BS))
+    m.apply(Op("truncate", 12 * BS))
+    assert m.blocks[10] == "U"
+    m.apply(Op("truncate", 4 * BS + 1))  # block 4 keeps its state: partial EOF block
+    assert sorted(m.blocks) == [0, 4]
+    assert m.data_segments() == [(0, BS), (4 * BS, 4 * BS + 1)]
+    m.apply(Op("truncate", 12 * BS))
+    assert m.data_segments() == [(0, BS), (4 * BS, 5 * BS)]
+
+
+def test_seek_walk_refuses_an_answer_that_goes_nowhere() -> None:
+    with pytest.raises(ValueError, match="SEEK_HOLE from data at 0"):
+        seek_walk(lambda o: 0, lambda o: 0)
+
+
+async def _core_seek(fs: Filesystem, fh: int, offset: int, whence: int) -> int | None:
+    try:
+        return await fs.lseek(fh, offset, whence)
+    except FsError as e:
+        if e.code != errno.ENXIO:
+            raise
+        return None
+
+
+async def _core_apply(fs: Filesystem, fh: int, dfh: int, ino: int, op: Op) -> None:
+    if op.kind in ("write", "dwrite"):
+        data = stamp_bytes(0, op.stamp, op.offset, op.length)
+        await fs.write(dfh if op.kind == "dwrite" else fh, op.offset, data)
+    elif op.kind in ("read", "dread", "readahead"):
+        await fs.read(dfh if op.kind == "dread" else fh, op.offset, op.length)
+    elif op.kind == "truncate":
+        await fs.truncate(fs.ns.get(ino), op.offset)
+    elif op.kind == "fallocate":
+        await fs.fallocate(ino, FALLOC_FLAGS[op.arg], op.offset, op.length)
+    elif op.kind in ("fsync", "fdatasync"):
+        await fs.fsync(fh, op.kind == "fdatasync")
+    elif op.kind == "drop_caches":
+        await fs.drop_caches()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+async def test_model_seek_answers_are_the_cores(fs: Filesystem, seed: int) -> None:
+    """The model's SEEK_DATA/SEEK_HOLE answer is fusefs's, exactly, from every
+    block boundary and a few offsets inside blocks, after every op of a generated
+    run (buffered and O_DIRECT writes, every fallocate mode, truncates, fsync
+    and drop_caches moving dirty pages to written blocks): what lets fsx check
+    fusefs's answers exactly on a mount."""
+    fh, attr = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, 0, 0)
+    dfh = await fs.open(attr.ino, os.O_RDWR | os.O_DIRECT)
+    config = GenConfig(maxlen=64 * BS, maxoplen=16 * BS, kinds=ALL_KINDS - {"reopen"})
+    gen = Generator(seed, config)
+    model = Model()
+    rng = random.Random(seed)
+    kinds_seen = set()
+    for number in range(1, 301):
+        op = gen.next(number, model.size)
+        if why_invalid(op, model.size) is not None:
+            continue
+        await _core_apply(fs, fh, dfh, attr.ino, op)
+        model.apply(op)
+        kinds_seen.add(op.arg or op.kind)
+        offsets = [
+            *range(0, model.size + BS, BS),
+            *(rng.randrange(model.size + 1) for _ in range(4)),
+        ]
+        for offset in offsets:
+            for whence, want in (
+                (os.SEEK_DATA, model.seek_data(offset)),
+                (os.SEEK_HOLE, model.seek_hole(offset)),
+            ):
+                got = await _core_seek(fs, fh, offset, whence)
+                assert got == want, (number, str(op), offset, whence, model.blocks)
+    assert {"write", "dwrite", "punch", "zero", "collapse", "insert", "truncate"} <= kinds_seen
+    await fs.release(dfh)
+    await fs.release(fh)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,6 +358,39 @@ async def read_control(ops: FuseOperations, name: bytes) -> bytes:
         return await ops.read(fi.fh, 0, 1 << 20)
     finally:
         await ops.release(fi.fh)
+
+
+async def test_control_fallocate_returns_after_the_kernel_invalidation(
+    ops: FuseOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.fusefs/fallocate`` write replies only once the worker thread has told
+    the kernel to drop the file's pages: a private mapping sees the change as
+    soon as write() returns.  The invalidation is slow here; the write waits."""
+    sent: list[tuple[int, bool]] = []
+
+    def invalidate(inode: int, attr_only: bool = False) -> None:
+        threading.Event().wait(0.2)  # a kernel busy locking pages
+        sent.append((inode, attr_only))
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", invalidate)
+    ino = await create(ops, b"f")
+    control = (await ops.lookup(ROOT_INO, CONTROL_NAME, CTX)).st_ino
+    falloc = (await ops.lookup(control, b"fallocate", CTX)).st_ino
+    fi = await ops.open(falloc, os.O_WRONLY, CTX)
+    request = b"path=f mode=alloc offset=0 length=8192"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ops.run_invalidations)
+        assert await ops.write(fi.fh, 0, request) == len(request)
+        assert (ino, False) in sent  # done before the reply
+        sent.clear()
+        # A failed request that changed nothing queues nothing and does not wait.
+        bad = b"path=f mode=collapse offset=0 length=1M"
+        assert await fuse_errno(ops.write(fi.fh, 0, bad)) == errno.EINVAL
+        assert sent == []
+        nursery.cancel_scope.cancel()
+    # Without the invalidation task (in-process use) nothing waits.
+    assert await ops.write(fi.fh, 0, request) == len(request)
+    await ops.release(fi.fh)
 
 
 async def test_control_files_read_and_write(ops: FuseOperations) -> None:

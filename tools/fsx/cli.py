@@ -34,6 +34,7 @@ from tools import pressure
 from tools.fsx.model import (
     ALL_KINDS,
     BS,
+    DATA,
     FALLOC_KINDS,
     GenConfig,
     Generator,
@@ -49,20 +50,25 @@ from tools.fsx.model import (
     hexdump,
     parse_ops,
     parse_weights,
+    seek_walk,
     size_after,
     stamp_bytes,
     touching,
     why_invalid,
 )
 from tools.fsx.target import (
+    ROUTES,
     Capabilities,
     MountSettings,
     RaceReaders,
+    RouteError,
     Target,
     probe,
 )
 from tools.pressure import Pressure, PressureError, PressureSpec, parse_kinds
 
+# The ops after which SEEK_DATA/SEEK_HOLE are checked at the edges of their range.
+SEEK_CHECKED: Final = frozenset({"write", "dwrite", "fallocate", "truncate"})
 RACE_SITES: Final = ("buffered_read_before_insert", "readahead_before_insert")
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -180,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-ops", metavar="FILE", help="run exactly the ops of FILE")
     p.add_argument("--duration", type=float, help="stop after SECONDS (ignores -N)")
     p.add_argument("--no-direct", action="store_true", help="no O_DIRECT descriptor")
+    p.add_argument(
+        "--fallocate-route",
+        choices=ROUTES,
+        default="auto",
+        help="fusefs: fallocate(2) (kernel), .fusefs/fallocate (control), or fallocate(2) "
+        "for the modes the kernel forwards and the control file for the rest (auto, default)",
+    )
+    p.add_argument(
+        "--no-seek-check",
+        action="store_true",
+        help="no SEEK_DATA/SEEK_HOLE check against the model",
+    )
     p.add_argument("--skip", default="", metavar="KINDS", help="op kinds not to generate (a,b)")
     p.add_argument(
         "--weights",
@@ -347,6 +365,10 @@ class SequenceRun:
         self.out = out
         self.debug = debug
         self.direct_only = bool(opts.args.direct_only)
+        self.seek_check = opts.caps.seek and not opts.args.no_seek_check
+        # fusefs's answers follow from the model block by block; any other
+        # filesystem may call holes data (docs/fsx.md, "The seek check").
+        self.exact_seek = opts.caps.fusefs
 
     def _compare(
         self, number: int, op: Op, what: str, base: int, want: bytes, got: bytes
@@ -367,7 +389,96 @@ class SequenceRun:
 
     def full_check(self, number: int, op: Op, what: str = "check") -> Failure | None:
         got = self.target.read_all(direct=self.direct_only)
-        return self._compare(number, op, what, 0, bytes(self.model.data), got)
+        failure = self._compare(number, op, what, 0, bytes(self.model.data), got)
+        if failure is None and self.seek_check:
+            failure = self._seek_walk(number, op)
+        return failure
+
+    # SEEK_DATA / SEEK_HOLE (docs/fsx.md, "The seek check"):
+
+    def _seek_failure(self, number: int, op: Op, message: str) -> Failure:
+        return Failure(number, op, "seek", f"seek after op {number}: {message}")
+
+    def _block_says(self, offset: int) -> str:
+        if offset >= self.model.size:
+            return "EOF"
+        state = self.model.blocks.get(offset // BS)
+        name = {DATA: "data", None: "hole"}.get(state, "unwritten (a hole)")
+        return f"block {offset // BS} is {name}"
+
+    def _seek_points(self, number: int, op: Op) -> Failure | None:
+        """SEEK_DATA and SEEK_HOLE from the edges of ``op``'s range (and from
+        the start of the file), each compared with the model."""
+        size = self.model.size
+        start = op.offset if op.kind != "truncate" else max(op.offset - 1, 0)
+        points = sorted({0, start, op.end, max(start - BS, 0)} & set(range(size)))
+        for pos in points:
+            for whence, name in ((os.SEEK_DATA, "SEEK_DATA"), (os.SEEK_HOLE, "SEEK_HOLE")):
+                got = self.target.seek(pos, whence)
+                if self.exact_seek:
+                    want = (
+                        self.model.seek_data if whence == os.SEEK_DATA else self.model.seek_hole
+                    )(pos)
+                    if got != want:
+                        return self._seek_failure(
+                            number,
+                            op,
+                            f"{name} from {pos} gave {_enxio(got)}, the model says {_enxio(want)} "
+                            f"({self._block_says(pos)}; size {size})",
+                        )
+                else:
+                    problem = self._seek_sound(pos, whence, got)
+                    if problem is not None:
+                        return self._seek_failure(number, op, f"{name} from {pos}: {problem}")
+        return None
+
+    def _seek_sound(self, pos: int, whence: int, got: int | None) -> str | None:
+        """What is wrong with ``got`` on a filesystem whose holes may be reported as
+        data (any but fusefs): every byte it calls a hole must read as zeros."""
+        size = self.model.size
+        data = self.model.data
+        if whence == os.SEEK_DATA:
+            end = size if got is None else got
+            if got is not None and not pos <= got <= size:
+                return f"gave {got}, outside [{pos}, {size}]"
+            hole = (pos, end)
+        else:
+            if got is None or not pos <= got <= size:
+                return f"gave {_enxio(got)}, outside [{pos}, {size}]"
+            after = self.target.seek(got, os.SEEK_DATA) if got < size else size
+            if after is not None and after <= got < size:
+                return f"gave {got}, but SEEK_DATA from {got} gave {after}"
+            hole = (got, size if after is None else after)
+        if any(data[hole[0] : hole[1]]):
+            first = next(i for i in range(*hole) if data[i])
+            return f"calls [{hole[0]}, {hole[1]}) a hole, but the model has data at {first}"
+        return None
+
+    def _seek_walk(self, number: int, op: Op) -> Failure | None:
+        """The whole file's data runs, walked as ``cp --sparse`` does."""
+        try:
+            got = seek_walk(
+                lambda o: self.target.seek(o, os.SEEK_DATA),
+                lambda o: self.target.seek(o, os.SEEK_HOLE),
+            )
+        except ValueError as e:
+            return self._seek_failure(number, op, str(e))
+        if self.exact_seek:
+            want = self.model.data_segments()
+            if got != want:
+                return self._seek_failure(
+                    number, op, f"data runs {_runs(got)}, the model says {_runs(want)}"
+                )
+            return None
+        data = self.model.data
+        pos = 0
+        for start, end in [*got, (self.model.size, self.model.size)]:
+            if any(data[pos:start]):
+                return self._seek_failure(
+                    number, op, f"data runs {_runs(got)}: [{pos}, {start}) is not zeros"
+                )
+            pos = end
+        return None
 
     def step(self, number: int, op: Op) -> Failure | None:
         size = self.model.size
@@ -412,6 +523,8 @@ class SequenceRun:
                 return f
         if self.opts.args.check_every or op.kind == "check":
             return self.full_check(number, op)
+        if self.seek_check and op.kind in SEEK_CHECKED:
+            return self._seek_points(number, op)
         return None
 
     def _execute(self, number: int, op: Op) -> Failure | None:
@@ -494,6 +607,15 @@ def run_sequence(
         readers.reads,
         readers.errors,
     )
+
+
+def _enxio(offset: int | None) -> str:
+    return "ENXIO" if offset is None else str(offset)
+
+
+def _runs(runs: list[tuple[int, int]]) -> str:
+    shown = " ".join(f"[{a},{b})" for a, b in runs[:8])
+    return (shown + f" ... ({len(runs)} runs)") if len(runs) > 8 else shown or "none"
 
 
 def generated(opts: Options) -> Iterator[Op]:
@@ -679,7 +801,10 @@ def minimize(
 
 def _setup(args: argparse.Namespace, argv: list[str]) -> tuple[Options, MountSettings | None]:
     seed = args.seed or random.SystemRandom().randrange(1, 1 << 31)
-    caps = probe(args.file)
+    try:
+        caps = probe(args.file, args.fallocate_route)
+    except RouteError as e:
+        raise SystemExit(f"fusefs-fsx: {e}") from None
     kinds, notes = choose_kinds(args, caps)
     opts = Options(args, caps, frozenset(kinds), seed, notes, argv)
     try:

@@ -29,7 +29,9 @@ Operations.  One op per line, the first word its kind::
 The model is a `bytearray` that every op changes as Linux documents it
 (fallocate(2), truncate(2)); a replayed op that no longer fits the model (a
 collapse reaching EOF after the minimizer removed the write that made the file
-long) is skipped, as xfstests fsx logs ``SKIPPED``.
+long) is skipped, as xfstests fsx logs ``SKIPPED``.  Beside the bytes it keeps
+the state of every block (data, preallocated, hole) as fusefs keeps it, so
+that it can say what lseek(2) SEEK_DATA/SEEK_HOLE must answer (`Model.blocks`).
 """
 
 from __future__ import annotations
@@ -278,12 +280,30 @@ def why_invalid(op: Op, size: int) -> str | None:
     return None
 
 
+DATA: Final = "D"  # a written block, or one a write has dirtied
+UNWRITTEN: Final = "U"  # preallocated (allocate, keep_size, zero range): a hole to lseek
+
+
 @dataclass
 class Model:
-    """What the file must contain, byte for byte."""
+    """What the file must contain, byte for byte, and where fusefs must say its
+    data and holes are (`seek_data`, `seek_hole`).
+
+    ``blocks`` follows fusefs's extent map and page cache block by block
+    (fusefs/io/seek.py, fusefs/io/fallocate.py): a block a write touched is
+    data (dirty over a hole, then written back: data either way); allocate and
+    keep_size make the holes of the blocks they touch unwritten; zero range
+    makes its whole blocks unwritten and the holes of its partial edge blocks
+    too; punch unmaps its whole blocks; truncate down unmaps every block past
+    the new EOF (preallocated ones too); collapse and insert shift every block
+    after the range, past EOF included.  A partial edge block of a punch or
+    zero range keeps its state: a written block whose bytes are zeroed is still
+    data.  Blocks absent from the dict are holes.
+    """
 
     data: bytearray = field(default_factory=bytearray)
     writer: int = 0
+    blocks: dict[int, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -300,6 +320,7 @@ class Model:
 
     def apply(self, op: Op) -> None:
         """Change the model as ``op`` changes the file (reads change nothing)."""
+        self._apply_blocks(op, len(self.data))
         kind = op.kind
         if kind in ("write", "dwrite"):
             if op.length:
@@ -329,8 +350,89 @@ class Model:
                 self.data[op.offset : op.offset] = bytes(op.length)
             # keep_size: preallocation past EOF, nothing visible
 
+    def _apply_blocks(self, op: Op, size: int) -> None:
+        kind = op.kind
+        blocks = self.blocks
+        first, end = op.offset // BS, -(-op.end // BS)  # every block the range touches
+        inner = range(-(-op.offset // BS), op.end // BS)  # the whole blocks
+        if kind in ("write", "dwrite"):
+            for b in range(first, end):
+                blocks[b] = DATA
+        elif kind == "truncate":
+            if op.offset < size:  # up: blocks preallocated past EOF stay
+                keep = -(-op.offset // BS)
+                for b in [b for b in blocks if b >= keep]:
+                    del blocks[b]
+        elif kind != "fallocate":
+            return
+        elif op.arg in ("alloc", "keep_size"):
+            for b in range(first, end):
+                blocks.setdefault(b, UNWRITTEN)
+        elif op.arg == "punch":
+            for b in inner:
+                blocks.pop(b, None)
+        elif op.arg in ("zero", "zero,keep_size"):
+            for b in range(first, end):
+                if b in inner:
+                    blocks[b] = UNWRITTEN
+                else:
+                    blocks.setdefault(b, UNWRITTEN)
+        elif op.arg == "collapse":
+            n = op.length // BS
+            self.blocks = {
+                (b - n if b >= first + n else b): s
+                for b, s in blocks.items()
+                if not first <= b < first + n
+            }
+        elif op.arg == "insert":
+            n = op.length // BS
+            self.blocks = {(b + n if b >= first else b): s for b, s in blocks.items()}
+
     def expect_read(self, offset: int, length: int) -> bytes:
         return bytes(self.data[offset : offset + length])
+
+    # lseek(2) SEEK_DATA / SEEK_HOLE, as fusefs answers them: block-granular,
+    # never before ``offset``, never past EOF; None stands for ENXIO.
+
+    def seek_data(self, offset: int) -> int | None:
+        size = self.size
+        if not 0 <= offset < size:
+            return None
+        for b in range(offset // BS, -(-size // BS)):
+            if self.blocks.get(b) == DATA:
+                return min(max(offset, b * BS), size)
+        return None
+
+    def seek_hole(self, offset: int) -> int | None:
+        size = self.size
+        if not 0 <= offset < size:
+            return None
+        for b in range(offset // BS, -(-size // BS)):
+            if self.blocks.get(b) != DATA:
+                return min(max(offset, b * BS), size)
+        return size
+
+    def data_segments(self) -> list[tuple[int, int]]:
+        """[start, end) of every run of data, as a SEEK_DATA/SEEK_HOLE walk from 0 finds them."""
+        return seek_walk(self.seek_data, self.seek_hole)
+
+
+def seek_walk(
+    seek_data: Callable[[int], int | None], seek_hole: Callable[[int], int | None]
+) -> list[tuple[int, int]]:
+    """The data runs of a file found by alternating SEEK_DATA and SEEK_HOLE from
+    offset 0 (None: ENXIO), as ``cp --sparse`` walks a file."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while True:
+        start = seek_data(pos)
+        if start is None:
+            return out
+        end = seek_hole(start)
+        if end is None or end <= start:
+            raise ValueError(f"SEEK_HOLE from data at {start} answered {end}")
+        out.append((start, end))
+        pos = end
 
 
 def size_after(op: Op, size: int) -> int:

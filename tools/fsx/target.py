@@ -1,14 +1,28 @@
 """fsx, the syscall part: the file under test, its two descriptors, fallocate in
-every mode, the fusefs control directory and the race readers.
+every mode, SEEK_DATA/SEEK_HOLE, the fusefs control directory and the race
+readers.
 
 The target is any file.  If a directory above it holds ``.fusefs/dynamic_fault``
-the file is on a fusefs mount: fallocate goes through ``.fusefs/fallocate``
-(COLLAPSE_RANGE/INSERT_RANGE never reach a FUSE filesystem through the kernel,
-and one route for every mode keeps the runs comparable), and
-``drop_caches``, the pagecache lock and the fault sites are there to use.
-Anywhere else fallocate is libc's ``fallocate(2)``; each mode is probed once, as
-xfstests fsx does, and a mode the filesystem refuses with EOPNOTSUPP is turned
-off (and said so).  O_DIRECT is probed the same way.
+the file is on a fusefs mount, and each fallocate mode takes one of two routes
+(``--fallocate-route``): ``kernel``, libc's ``fallocate(2)`` on the file, which
+the kernel's FUSE driver forwards for alloc, keep_size, punch and zero range
+(± keep_size); ``control``, a request to ``.fusefs/fallocate``, the one way to
+collapse and insert range (the driver refuses both with EOPNOTSUPP before any
+request is sent: docs/fallocate.md).  ``auto`` (the default) takes the kernel
+for every mode it forwards and the control file for the others.  Which modes
+the kernel forwards is probed, not assumed: each mode is tried once on the
+empty file, as xfstests fsx does.  ``drop_caches``, the pagecache lock and the
+fault sites are there to use too.  Anywhere else fallocate is ``fallocate(2)``
+(probed the same way: a mode the filesystem refuses with EOPNOTSUPP is turned
+off, and said so).  O_DIRECT is probed the same way.
+
+fallocate(2) is called through ctypes for every mode, mode 0 included: glibc's
+``posix_fallocate`` (``os.posix_fallocate``) falls back to writing zeros when
+the filesystem refuses, which would hide a refusal and change what the blocks
+are (written, not preallocated).
+
+SEEK_DATA/SEEK_HOLE are plain ``os.lseek`` on the buffered descriptor; a
+filesystem that refuses them (EINVAL) gets no seek checks.
 
 O_DIRECT IO uses a page-aligned buffer from an anonymous `mmap`, at offsets and
 lengths that are multiples of 4096 (fsx ``-Z`` semantics; fusefs refuses
@@ -18,7 +32,6 @@ anything else with EINVAL).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -29,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from fusefs.cli import fallocate_fd
 from tools.fsx.model import BS, FALLOC_MODES
 
 CONTROL_DIR: Final = ".fusefs"
@@ -42,6 +56,7 @@ FALLOC_FLAGS: Final = {
     "insert": 0x20,
 }
 READ_CHUNK: Final = 1 << 20
+ROUTES: Final = ("auto", "kernel", "control")
 
 
 def find_control_root(path: str) -> str | None:
@@ -86,23 +101,8 @@ class Control:
         return out
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate_syscall() -> Callable[[int, int, int, int], int]:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        _libc.fallocate.restype = ctypes.c_int
-    fn: Callable[[int, int, int, int], int] = _libc.fallocate
-    return fn
-
-
 def kernel_fallocate(fd: int, mode: str, offset: int, length: int) -> None:
-    if _fallocate_syscall()(fd, FALLOC_FLAGS[mode], offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    fallocate_fd(fd, FALLOC_FLAGS[mode], offset, length)
 
 
 @dataclass
@@ -113,15 +113,25 @@ class Capabilities:
     direct: bool
     falloc: dict[str, str] = field(default_factory=dict)  # mode → "control" | "syscall"
     notes: list[str] = field(default_factory=list)  # what was turned off, and why
+    seek: bool = True  # SEEK_DATA/SEEK_HOLE answered (not EINVAL)
 
     @property
     def fusefs(self) -> bool:
         return self.control_root is not None
 
 
-def probe(path: str) -> Capabilities:
-    """Create ``path`` empty and find out what works on it."""
+class RouteError(ValueError):
+    """A ``--fallocate-route`` the target cannot take."""
+
+
+def probe(path: str, route: str = "auto") -> Capabilities:
+    """Create ``path`` empty and find out what works on it; ``route`` is how
+    fallocate reaches a fusefs mount (`ROUTES`)."""
+    if route not in ROUTES:
+        raise RouteError(f"unknown fallocate route {route!r} (one of {', '.join(ROUTES)})")
     root = find_control_root(path)
+    if route == "control" and root is None:
+        raise RouteError("--fallocate-route control needs a fusefs mount (.fusefs above the file)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         caps = Capabilities(root, direct=True)
@@ -130,24 +140,44 @@ def probe(path: str) -> Capabilities:
         except OSError as e:
             caps.direct = False
             caps.notes.append(f"O_DIRECT: {e.strerror}: O_DIRECT reads and writes turned off")
-        if root is not None:
+        try:
+            os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: an empty file has no data, as it should
+                caps.seek = False
+                caps.notes.append(f"SEEK_DATA: {e.strerror}: seek checks turned off")
+        if root is None:
+            caps.notes.append("not a fusefs mount (no .fusefs above it): drop_caches turned off")
+        if route == "control":
             caps.falloc = dict.fromkeys(FALLOC_MODES, "control")
             return caps
-        caps.notes.append("not a fusefs mount (no .fusefs above it): drop_caches turned off")
         for mode in FALLOC_MODES:
-            # As xfstests fsx: EOPNOTSUPP or ENOSYS means no; any other answer
-            # (EINVAL for a collapse of an empty file) means the mode exists.
-            try:
-                kernel_fallocate(fd, mode, 0, 1)
-            except OSError as e:
-                if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    caps.notes.append(f"fallocate {mode}: not supported here: turned off")
-                    continue
-            caps.falloc[mode] = "syscall"
-            os.ftruncate(fd, 0)
+            if _kernel_takes(fd, mode):
+                caps.falloc[mode] = "syscall"
+            elif route == "auto" and root is not None:
+                caps.falloc[mode] = "control"
+                caps.notes.append(
+                    f"fallocate {mode}: fallocate(2) refuses it (EOPNOTSUPP): "
+                    "through .fusefs/fallocate"
+                )
+            else:
+                caps.notes.append(f"fallocate {mode}: not supported here: turned off")
         return caps
     finally:
         os.close(fd)
+
+
+def _kernel_takes(fd: int, mode: str) -> bool:
+    """Whether fallocate(2) does ``mode`` on the (empty) file ``fd``.  As xfstests
+    fsx: EOPNOTSUPP or ENOSYS means no; any other answer (EINVAL for a collapse
+    of an empty file) means the mode exists."""
+    try:
+        kernel_fallocate(fd, mode, 0, 1)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+    os.ftruncate(fd, 0)
+    return True
 
 
 class Target:
@@ -251,6 +281,15 @@ class Target:
             kernel_fallocate(self.fd, mode, offset, length)
         else:
             raise OSError(errno.EOPNOTSUPP, f"fallocate {mode} is turned off here")
+
+    def seek(self, offset: int, whence: int) -> int | None:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE; None for ENXIO (no data, or past EOF)."""
+        try:
+            return os.lseek(self.fd, offset, whence)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return None
+            raise
 
     def fsync(self) -> None:
         os.fsync(self.fd)
