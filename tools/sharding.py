@@ -24,12 +24,14 @@ duplicated shard, each in one line with exit status 2 (`MergeError`).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import heapq
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -76,6 +78,41 @@ def partition(costs: Sequence[int], count: int) -> list[list[int]]:
         shards[s].append(i)
         heapq.heappush(loads, (load + costs[i], s))
     return [sorted(positions) for positions in shards]
+
+
+def parse_merge_args(
+    prog: str, description: str, report: str, argv: Sequence[str]
+) -> argparse.Namespace:
+    """The arguments every ``merge`` command takes: the shards' directories (or
+    their ``report`` files), ``--out`` (default ``./PROG-merged-TIME``), ``-q``."""
+    p = argparse.ArgumentParser(prog=f"{prog} merge", description=description)
+    p.add_argument("dirs", nargs="+", metavar="DIR", help=f"a shard's directory, or its {report}")
+    p.add_argument("--out", help="the merged report's directory (default ./NAME-merged-TIME)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    args = p.parse_args(list(argv))
+    name = prog.removeprefix("fusefs-")
+    args.out = Path(args.out or datetime.now().strftime(f"{name}-merged-%Y%m%d-%H%M%S")).resolve()
+    return args
+
+
+def without_options(argv: Sequence[str], options: Sequence[str]) -> list[str]:
+    """``argv`` less each of ``options`` (each taking a value) in any spelling:
+    ``--opt V``, ``--opt=V``, and for a short option ``-oV``.  For the command
+    line a shard's report shows the campaign by, and the one a sweep gives each
+    seed."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not any(
+            arg.startswith(o + "=") or (len(o) == 2 and arg.startswith(o) and len(arg) > 2)
+            for o in options
+        ):
+            out.append(arg)
+    return out
 
 
 def _digest(value: Any) -> str:
@@ -208,7 +245,9 @@ __all__ = [
     "load_shards",
     "merge_runs",
     "merged_section",
+    "parse_merge_args",
     "partition",
     "plan_id",
     "shard_section",
+    "without_options",
 ]

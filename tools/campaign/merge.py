@@ -17,7 +17,6 @@ import copy
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +36,9 @@ from tools.sharding import (
     load_shards,
     merge_runs,
     merged_section,
+    parse_merge_args,
+    without_options,
 )
-
-
-def _unsharded_argv(argv: Sequence[str]) -> list[str]:
-    """The shard's command line without what only that shard had."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--shard", "--out"):
-            skip = True
-            continue
-        if arg.startswith(("--shard=", "--out=")):
-            continue
-        out.append(arg)
-    return out
 
 
 def merge_reports(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> dict[str, Any]:
@@ -71,7 +55,7 @@ def merge_reports(shards: Sequence[dict[str, Any]], paths: Sequence[str]) -> dic
     counting = [r for s in shards[:1] for r in s["powercut"]["runs"] if r["site"] == "count"]
     doc["started"] = min(s["started"] for s in shards)
     doc["seconds"] = max(s["seconds"] for s in shards)
-    doc["argv"] = _unsharded_argv(doc["argv"])
+    doc["argv"] = without_options(doc["argv"], ("--shard", "--out"))
     doc["runs"] = faults
     doc["counts"] = outcome_counts(faults)
     doc["matrix"] = outcome_matrix(doc["sites"], faults)
@@ -120,22 +104,19 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def merge_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="fusefs-campaign merge",
-        description="Fold shard reports (--shard K/N runs) into the campaign's report.",
+    args = parse_merge_args(
+        "fusefs-campaign",
+        "Fold the reports of --shard K/N runs (each shard's --out) into the campaign's.",
+        "matrix.json",
+        argv,
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="a shard's --out (or its matrix.json)")
-    p.add_argument("--out", help="the merged report's directory (default ./campaign-merged-TIME)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    args = p.parse_args(list(argv))
     try:
         shards = load_shards(args.dirs, "matrix.json", "campaign")
         doc = merge_reports(shards, args.dirs)
     except MergeError as e:
         print(f"fusefs-campaign {e}", file=sys.stderr)
         return EXIT_MERGE_REFUSED
-    out = Path(args.out or datetime.now().strftime("campaign-merged-%Y%m%d-%H%M%S")).resolve()
-    json_path, md_path = write_merged(doc, out)
+    json_path, md_path = write_merged(doc, args.out)
     if not args.quiet:
         print(f"merged {len(shards)} shards: {len(outcome_table(doc))} runs")
         for line in summary_lines(doc):

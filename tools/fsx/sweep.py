@@ -28,9 +28,11 @@ from tools.sharding import (
     load_shards,
     merge_runs,
     merged_section,
+    parse_merge_args,
     partition,
     plan_id,
     shard_section,
+    without_options,
 )
 
 KIND: Final = "fsx-sweep"
@@ -57,26 +59,6 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def without_sweep_options(argv: Sequence[str]) -> list[str]:
-    """``argv`` less ``--seeds``, ``--shard``, ``-S`` and ``-P`` in any spelling."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in _SWEEP_OPTS:
-            skip = True
-            continue
-        if any(
-            arg.startswith(o + "=") or (len(o) == 2 and arg.startswith(o) and len(arg) > 2)
-            for o in _SWEEP_OPTS
-        ):
-            continue
-        out.append(arg)
-    return out
-
-
 def run_sweep(
     args: argparse.Namespace, argv: Sequence[str], run: Callable[[list[str]], int]
 ) -> int:
@@ -88,7 +70,7 @@ def run_sweep(
     except ValueError as e:
         print(f"fusefs-fsx: {e}", file=sys.stderr)
         return 2
-    base = without_sweep_options(argv)
+    base = without_options(argv, _SWEEP_OPTS)
     ids = [f"seed {s}" for s in seeds]
     costs = [1] * len(seeds)  # same flags, same op count: the same expected cost
     plan = plan_id({"argv": base}, ids)
@@ -186,13 +168,12 @@ def outcome_table(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def merge_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="fusefs-fsx merge",
-        description="Fold the sweep reports of --seeds A-B --shard K/N runs into one.",
+    args = parse_merge_args(
+        "fusefs-fsx",
+        "Fold the reports of --seeds A-B --shard K/N runs (each shard's -P) into the sweep's.",
+        "sweep.json",
+        argv,
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="a shard's -P directory or sweep.json")
-    p.add_argument("--out", help="the merged report's directory (default ./fsx-merged-TIME)")
-    args = p.parse_args(list(argv))
     try:
         shards = load_shards(args.dirs, "sweep.json", KIND)
         runs, not_run = merge_runs(shards, lambda d: d["runs"], lambda r: str(r["id"]))
@@ -209,11 +190,11 @@ def merge_main(argv: Sequence[str]) -> int:
         shard=None,
         merged=merged_section(shards, args.dirs),
     )
-    out = Path(args.out or datetime.now().strftime("fsx-merged-%Y%m%d-%H%M%S")).resolve()
-    write_report(doc, out)
-    for line in summary_lines(doc):
-        print(line)
-    print(f"reports: {out / 'sweep.md'} {out / 'sweep.json'}")
+    write_report(doc, args.out)
+    if not args.quiet:
+        for line in summary_lines(doc):
+            print(line)
+        print(f"reports: {args.out / 'sweep.md'} {args.out / 'sweep.json'}")
     return 1 if doc["counts"]["failed"] else 0
 
 
@@ -224,5 +205,4 @@ __all__ = [
     "parse_seeds",
     "render_markdown",
     "run_sweep",
-    "without_sweep_options",
 ]
