@@ -75,7 +75,7 @@ from tools.campaign.run import (
 )
 from tools.pressure import PressureSpec, parse_kinds
 from tools.pressure import add_arguments as add_pressure_arguments
-from tools.sharding import Shard, partition, plan_id, shard_section
+from tools.sharding import Shard, partition, plan_id, shard_section, without_options
 
 _MODE_RE: Final = re.compile(
     r"^(oneshot|frequency [1-9][0-9]*|probability (0|1|0?\.[0-9]+|1\.0+))$"
@@ -343,6 +343,14 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
     ids = [r.id for r in planned]
     costs = [r.cost_ms for r in planned]
     campaign.plan_id = plan_id(plan_config(args, campaign.sites), ids)
+    if args.plan is not None and campaign.plan_id != args.plan["plan_id"]:
+        raise SystemExit(
+            f"fusefs-campaign: this checkout's sites are not the plan's "
+            f"(plan {campaign.plan_id}, not {args.plan['plan_id']}): a plan is for one version"
+        )
+    if args.write_plan:
+        write_plan(out / "plan.json", args, campaign, planned)
+        return campaign
     mine = list(range(len(planned)))
     if args.shard is not None:
         mine = partition(costs, args.shard.count)[args.shard.index - 1]
@@ -378,7 +386,13 @@ def plan_powercuts(
 ) -> list[PlannedRun]:
     """The cut points: ``--power-cut-at``'s, or drawn from a counting run of the
     workload (``--power-cut all``: every event it counted)."""
-    if args.power_cut_at:
+    if args.plan is not None:
+        pc = args.plan["powercut"]
+        campaign.powercut_requested = pc["requested"]
+        campaign.powercut_events = pc["workload_events"]
+        points = [p for p, _ in pc["points"]]
+        modes = [m for _, m in pc["points"]]
+    elif args.power_cut_at:
         points = sorted(set(args.power_cut_at))
     else:
         campaign.powercut_requested = args.power_cut
@@ -397,7 +411,8 @@ def plan_powercuts(
             candidates = list(range(1, count.events + 1))
         wanted = len(candidates) if args.power_cut == "all" else args.power_cut
         points = cut_points(candidates, wanted, args.seed)
-    modes = list(iter_modes(args.power_cut_mode, len(points)))
+    if args.plan is None:
+        modes = list(iter_modes(args.power_cut_mode, len(points)))
     events = campaign.powercut_events
     return [
         PlannedRun(
@@ -408,6 +423,68 @@ def plan_powercuts(
         )
         for p, m in zip(points, modes, strict=True)
     ]
+
+
+def write_plan(
+    path: Path, args: argparse.Namespace, campaign: Campaign, planned: Sequence[PlannedRun]
+) -> None:
+    """``fusefs-campaign plan``: the run list, for shards that must not each run
+    their own counting run (tools/campaign/plan.py)."""
+    points = [r.id.removeprefix("cut@").split(" ", 1) for r in planned if r.kind == "powercut"]
+    doc = {
+        "kind": "campaign-plan",
+        "plan_id": campaign.plan_id,
+        "argv": without_options(args.argv, ("--out",)),
+        "runs": [r.id for r in planned],
+        "expected_ms": [r.cost_ms for r in planned],
+        "powercut": {
+            "requested": campaign.powercut_requested,
+            "workload_events": campaign.powercut_events,
+            "points": [[int(p), m] for p, m in points],
+            "counting_failed": [r.to_json() for r in campaign.powercuts],
+        },
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_plan(path: str) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"fusefs-campaign: --plan {path}: {e}") from None
+    if doc.get("kind") != "campaign-plan":
+        raise SystemExit(f"fusefs-campaign: --plan {path}: not a plan (fusefs-campaign plan)")
+    if doc["powercut"]["counting_failed"]:
+        raise SystemExit(f"fusefs-campaign: --plan {path}: its counting run failed; plan again")
+    return doc
+
+
+_PLAN_LOCAL: Final = {"--shard", "--out", "-j", "--jobs", "--budget"}
+_PLAN_LOCAL_FLAGS: Final = {"--keep", "--no-minimize", "-q", "--quiet"}
+
+
+def _with_plan(raw: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, Any]]:
+    """``--plan FILE`` and the options of this machine beside it: the plan's
+    command line, those options, and the plan."""
+    local: list[str] = []
+    path = None
+    it = iter(raw)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name == "--plan":
+            path = value if eq else next(it, "")
+        elif name in _PLAN_LOCAL:
+            local += [arg] if eq else [arg, next(it, "")]
+        elif arg in _PLAN_LOCAL_FLAGS:
+            local.append(arg)
+        else:
+            parser.error(
+                f"{arg}: --plan takes the campaign from the plan; beside it only "
+                "--shard, --out, -j, --budget, --keep, --no-minimize and -q"
+            )
+    assert path is not None
+    plan = load_plan(path)
+    return [*plan["argv"], *local], plan
 
 
 def write_reports(campaign: Campaign, out: Path) -> tuple[Path, Path]:
@@ -551,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     outp.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="run the campaign of FILE (written by 'fusefs-campaign plan ARGS'): its flags, "
+        "sites and cut points, without a counting run",
+    )
+    outp.add_argument(
         "--shard",
         type=_shard,
         metavar="K/N",
@@ -579,11 +662,20 @@ def _shard(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, write_plan: bool = False) -> argparse.Namespace:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
+    plan = None
+    if any(a == "--plan" or a.startswith("--plan=") for a in raw):
+        if write_plan:
+            parser.error("plan and --plan exclude each other")
+        raw, plan = _with_plan(raw, parser)
     args = parser.parse_args(raw)
     args.argv = raw
+    args.plan = plan
+    args.write_plan = write_plan
+    if write_plan and (args.shard is not None or args.list):
+        parser.error("plan writes the whole run list: no --shard, no --list")
     args.mode = args.mode or list(FULL_MODES if args.full else ["oneshot"])
     if args.power_cut is None:
         args.power_cut = "all" if args.full else 0
@@ -623,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return merge_main(raw[1:])
     if raw[:1] == ["compare"]:
         return compare_main(raw[1:])
-    args = parse_args(raw)
+    args = parse_args(raw[1:], write_plan=True) if raw[:1] == ["plan"] else parse_args(raw)
     console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -634,6 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for s in campaign.sites:
             print(f"{s.name:32} {s.cls:16} {s.module} ({s.file}:{s.line})")
+        return 0
+    if args.write_plan:
+        print(f"plan {campaign.plan_id}: {out / 'plan.json'}")
         return 0
     json_path, md_path = write_reports(campaign, out)
     stdout = demo_console(highlight=False)
