@@ -175,7 +175,7 @@ def load_shards(paths: Sequence[str | Path], filename: str, kind: str) -> list[d
     for path, doc in docs[1:]:
         if doc["shard"]["fingerprint"] != want:
             raise MergeError(
-                f"merge: {path} is a shard of another campaign than {first_path} "
+                f"merge: {path} is a shard of another {kind} than {first_path} "
                 f"(fingerprint {doc['shard']['fingerprint']} of {doc['shard']['count']} shards, "
                 f"not {want} of {count})"
             )
