@@ -18,6 +18,13 @@ N images at once; ``--budget SECONDS`` starts no run after that time and
 reports what ran.  Exit status: 0 when no run failed, 1 otherwise, 2 for bad
 arguments.
 
+``--power-cut all`` cuts at every device write and flush of the workload;
+``--full`` is every site in the three modes and ``--power-cut all``.
+``--shard K/N`` runs slice K of N of the run list (tools/sharding.py),
+``merge DIR...`` folds the shards' reports into the campaign's, ``compare A B``
+checks two reports' outcome tables, ``plan ARGS`` writes the run list once for
+shards to take with ``--plan FILE``.
+
 Self-test sites (class ``...:selftest``: silent corruption, a daemon crash, a
 commit that skips its flush) are left out unless ``--selftest`` is given or
 they are named with ``--name``.
@@ -53,9 +60,11 @@ from tools.campaign.plan import (
     PlannedRun,
     fault_cost,
     fault_run_id,
+    plan_argv,
     plan_config,
     powercut_cost,
     powercut_run_id,
+    write_plan,
 )
 from tools.campaign.report import (
     outcome_counts,
@@ -349,7 +358,15 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
             f"(plan {campaign.plan_id}, not {args.plan['plan_id']}): a plan is for one version"
         )
     if args.write_plan:
-        write_plan(out / "plan.json", args, campaign, planned)
+        write_plan(
+            out / "plan.json",
+            without_options(args.argv, ("--out",)),
+            campaign.plan_id,
+            planned,
+            campaign.powercut_requested,
+            campaign.powercut_events,
+            [r.to_json() for r in campaign.powercuts],
+        )
         return campaign
     mine = list(range(len(planned)))
     if args.shard is not None:
@@ -423,68 +440,6 @@ def plan_powercuts(
         )
         for p, m in zip(points, modes, strict=True)
     ]
-
-
-def write_plan(
-    path: Path, args: argparse.Namespace, campaign: Campaign, planned: Sequence[PlannedRun]
-) -> None:
-    """``fusefs-campaign plan``: the run list, for shards that must not each run
-    their own counting run (tools/campaign/plan.py)."""
-    points = [r.id.removeprefix("cut@").split(" ", 1) for r in planned if r.kind == "powercut"]
-    doc = {
-        "kind": "campaign-plan",
-        "plan_id": campaign.plan_id,
-        "argv": without_options(args.argv, ("--out",)),
-        "runs": [r.id for r in planned],
-        "expected_ms": [r.cost_ms for r in planned],
-        "powercut": {
-            "requested": campaign.powercut_requested,
-            "workload_events": campaign.powercut_events,
-            "points": [[int(p), m] for p, m in points],
-            "counting_failed": [r.to_json() for r in campaign.powercuts],
-        },
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def load_plan(path: str) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"fusefs-campaign: --plan {path}: {e}") from None
-    if doc.get("kind") != "campaign-plan":
-        raise SystemExit(f"fusefs-campaign: --plan {path}: not a plan (fusefs-campaign plan)")
-    if doc["powercut"]["counting_failed"]:
-        raise SystemExit(f"fusefs-campaign: --plan {path}: its counting run failed; plan again")
-    return doc
-
-
-_PLAN_LOCAL: Final = {"--shard", "--out", "-j", "--jobs", "--budget"}
-_PLAN_LOCAL_FLAGS: Final = {"--keep", "--no-minimize", "-q", "--quiet"}
-
-
-def _with_plan(raw: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, Any]]:
-    """``--plan FILE`` and the options of this machine beside it: the plan's
-    command line, those options, and the plan."""
-    local: list[str] = []
-    path = None
-    it = iter(raw)
-    for arg in it:
-        name, eq, value = arg.partition("=")
-        if name == "--plan":
-            path = value if eq else next(it, "")
-        elif name in _PLAN_LOCAL:
-            local += [arg] if eq else [arg, next(it, "")]
-        elif arg in _PLAN_LOCAL_FLAGS:
-            local.append(arg)
-        else:
-            parser.error(
-                f"{arg}: --plan takes the campaign from the plan; beside it only "
-                "--shard, --out, -j, --budget, --keep, --no-minimize and -q"
-            )
-    assert path is not None
-    plan = load_plan(path)
-    return [*plan["argv"], *local], plan
 
 
 def write_reports(campaign: Campaign, out: Path) -> tuple[Path, Path]:
@@ -669,7 +624,10 @@ def parse_args(argv: Sequence[str] | None, write_plan: bool = False) -> argparse
     if any(a == "--plan" or a.startswith("--plan=") for a in raw):
         if write_plan:
             parser.error("plan and --plan exclude each other")
-        raw, plan = _with_plan(raw, parser)
+        try:
+            raw, plan = plan_argv(raw)
+        except ValueError as e:
+            parser.error(str(e))
     args = parser.parse_args(raw)
     args.argv = raw
     args.plan = plan

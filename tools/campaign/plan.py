@@ -16,8 +16,10 @@ covers the run ids, so shards whose counting runs disagreed are refused by
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from tools.campaign.mount import SiteInfo
@@ -101,13 +103,87 @@ def plan_config(args: argparse.Namespace, sites: Sequence[SiteInfo]) -> dict[str
     }
 
 
+# plan files:
+
+
+def write_plan(
+    path: Path,
+    argv: Sequence[str],
+    plan: str,
+    planned: Sequence[PlannedRun],
+    requested: int | str,
+    events: int | None,
+    counting_failed: list[dict[str, Any]],
+) -> None:
+    """``fusefs-campaign plan``: the run list, for shards that must not each run
+    a counting run of their own."""
+    cuts = [r.id.removeprefix("cut@").split(" ", 1) for r in planned if r.kind == "powercut"]
+    doc = {
+        "kind": "campaign-plan",
+        "plan_id": plan,
+        "argv": list(argv),
+        "runs": [r.id for r in planned],
+        "expected_ms": [r.cost_ms for r in planned],
+        "powercut": {
+            "requested": requested,
+            "workload_events": events,
+            "points": [[int(p), m] for p, m in cuts],
+            "counting_failed": counting_failed,
+        },
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_plan(path: str) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"fusefs-campaign: --plan {path}: {e}") from None
+    if doc.get("kind") != "campaign-plan":
+        raise SystemExit(f"fusefs-campaign: --plan {path}: not a plan (fusefs-campaign plan)")
+    if doc["powercut"]["counting_failed"]:
+        raise SystemExit(f"fusefs-campaign: --plan {path}: its counting run failed; plan again")
+    return doc
+
+
+_PLAN_LOCAL: Final = frozenset({"--shard", "--out", "-j", "--jobs", "--budget"})
+_PLAN_LOCAL_FLAGS: Final = frozenset({"--keep", "--no-minimize", "-q", "--quiet"})
+
+
+def plan_argv(raw: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """``--plan FILE`` and the options of this machine beside it (ValueError
+    for any other): the plan's command line with those options, and the plan."""
+    local: list[str] = []
+    path = None
+    it = iter(raw)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name == "--plan":
+            path = value if eq else next(it, "")
+        elif name in _PLAN_LOCAL:
+            local += [arg] if eq else [arg, next(it, "")]
+        elif arg in _PLAN_LOCAL_FLAGS:
+            local.append(arg)
+        else:
+            raise ValueError(
+                f"{arg}: --plan takes the campaign from the plan; beside it only "
+                "--shard, --out, -j, --budget, --keep, --no-minimize and -q"
+            )
+    assert path is not None
+    plan = load_plan(path)
+    return [*plan["argv"], *local], plan
+
+
 __all__ = [
     "FULL_MODES",
     "PlannedRun",
     "fault_cost",
     "fault_run_id",
+    "load_plan",
+    "plan_argv",
     "plan_config",
     "powercut_cost",
     "powercut_run_id",
     "run_id",
+    "write_plan",
 ]
