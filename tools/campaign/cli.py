@@ -686,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:32} {s.cls:16} {s.module} ({s.file}:{s.line})")
         return 0
     if args.write_plan:
+        if campaign.powercuts:  # the counting run failed: no cut points to plan
+            (count,) = campaign.powercuts
+            print(f"fusefs-campaign plan: the counting run: {count.outcome}: {count.detail}")
+            return 1
         print(f"plan {campaign.plan_id}: {out / 'plan.json'}")
         return 0
     json_path, md_path = write_reports(campaign, out)
