@@ -18,6 +18,13 @@ N images at once; ``--budget SECONDS`` starts no run after that time and
 reports what ran.  Exit status: 0 when no run failed, 1 otherwise, 2 for bad
 arguments.
 
+``--power-cut all`` cuts at every device write and flush of the workload;
+``--full`` is every site in the three modes and ``--power-cut all``.
+``--shard K/N`` runs slice K of N of the run list (tools/sharding.py),
+``merge DIR...`` folds the shards' reports into the campaign's, ``compare A B``
+checks two reports' outcome tables, ``plan ARGS`` writes the run list once for
+shards to take with ``--plan FILE``.
+
 Self-test sites (class ``...:selftest``: silent corruption, a daemon crash, a
 commit that skips its flush) are left out unless ``--selftest`` is given or
 they are named with ``--name``.
@@ -46,11 +53,27 @@ from typing import Any, Final
 from rich.console import Console
 
 from fusefs.demo import demo_console
+from tools.campaign.merge import compare_main, merge_main
 from tools.campaign.mount import Image, SiteInfo, kill_all, parse_listing
-from tools.campaign.report import render_markdown, summary_lines
+from tools.campaign.plan import (
+    FULL_MODES,
+    PlannedRun,
+    fault_cost,
+    fault_run_id,
+    plan_argv,
+    plan_config,
+    powercut_cost,
+    powercut_run_id,
+    write_plan,
+)
+from tools.campaign.report import (
+    outcome_counts,
+    outcome_matrix,
+    render_markdown,
+    summary_lines,
+)
 from tools.campaign.run import (
     FAILURES,
-    OUTCOMES,
     WORKLOADS,
     RunConfig,
     RunResult,
@@ -61,6 +84,7 @@ from tools.campaign.run import (
 )
 from tools.pressure import PressureSpec, parse_kinds
 from tools.pressure import add_arguments as add_pressure_arguments
+from tools.sharding import Shard, partition, plan_id, shard_section, without_options
 
 _MODE_RE: Final = re.compile(
     r"^(oneshot|frequency [1-9][0-9]*|probability (0|1|0?\.[0-9]+|1\.0+))$"
@@ -83,23 +107,29 @@ class Campaign:
     all_sites: list[SiteInfo] = field(default_factory=list)
     runs: list[RunResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    powercut_requested: int = 0
+    powercut_requested: int | str = 0  # N, or "all"
     powercut_events: int | None = None
     powercuts: list[RunResult] = field(default_factory=list)
     seconds: float = 0.0
     budget_exhausted: bool = False
     interrupted: bool = False
-
-    def counts(self, runs: Sequence[RunResult]) -> dict[str, int]:
-        counter = Counter(r.outcome for r in runs)
-        return {o.value: counter.get(o.value, 0) for o in OUTCOMES}
+    plan_id: str = ""
+    shard: dict[str, Any] | None = None  # tools.sharding.shard_section, when sharded
 
     def failures(self) -> list[RunResult]:
         return [r for r in [*self.runs, *self.powercuts] if r.outcome in FAILURES]
 
     def to_json(self) -> dict[str, Any]:
         per_class = Counter(s.root_class for s in self.all_sites)
+        runs = [r.to_json() for r in self.runs]
+        powercuts = [r.to_json() for r in self.powercuts]
+        sites = [
+            {"name": s.name, "class": s.cls, "module": s.module, "location": f"{s.file}:{s.line}"}
+            for s in self.sites
+        ]
         return {
+            "kind": "campaign",
+            "plan_id": self.plan_id,
             "started": self.started,
             "seconds": round(self.seconds, 1),
             "argv": self.argv,
@@ -108,30 +138,20 @@ class Campaign:
             "workloads": self.workloads,
             "sites_total": len(self.all_sites),
             "sites_per_class": dict(sorted(per_class.items())),
-            "sites": [
-                {
-                    "name": s.name,
-                    "class": s.cls,
-                    "module": s.module,
-                    "location": f"{s.file}:{s.line}",
-                }
-                for s in self.sites
-            ],
-            "counts": self.counts(self.runs),
-            "matrix": {
-                s.name: {r.mode: r.outcome for r in self.runs if r.site == s.name}
-                for s in self.sites
-            },
-            "runs": [r.to_json() for r in self.runs],
+            "sites": sites,
+            "counts": outcome_counts(runs),
+            "matrix": outcome_matrix(sites, runs),
+            "runs": runs,
             "skipped": self.skipped,
             "budget_exhausted": self.budget_exhausted,
             "interrupted": self.interrupted,
             "powercut": {
                 "requested": self.powercut_requested,
                 "workload_events": self.powercut_events,
-                "counts": self.counts(self.powercuts),
-                "runs": [r.to_json() for r in self.powercuts],
+                "counts": outcome_counts(powercuts),
+                "runs": powercuts,
             },
+            "shard": self.shard,
         }
 
 
@@ -305,73 +325,121 @@ def run_campaign(args: argparse.Namespace, console: Console) -> Campaign:
     )
     start = time.monotonic()
     scheduler = Scheduler(args.jobs, args.budget, lambda r: None)
-    want_sites = (not args.power_cut and not args.power_cut_at) or bool(
-        args.cls or args.module or args.name
+    planned: list[PlannedRun] = []
+    want_sites = (
+        args.full
+        or (not args.power_cut and not args.power_cut_at)
+        or bool(args.cls or args.module or args.name)
     )
     if want_sites or args.list:
         campaign.all_sites = list_sites(cfg, None if args.list else out)
         campaign.sites = select_sites(campaign.all_sites, args)
         if args.list:
             return campaign
-        jobs: list[tuple[str, Callable[[], RunResult]]] = [
-            (f"{s.name} x {m}", lambda s=s, m=m: run_fault(s, m, cfg))  # type: ignore[misc]
+        cost = fault_cost(cfg)
+        planned += [
+            PlannedRun(
+                fault_run_id(s.name, m),
+                "fault",
+                cost,
+                lambda s=s, m=m: run_fault(s, m, cfg),  # type: ignore[misc]
+            )
             for s in campaign.sites
             for m in args.mode
         ]
-        if not args.quiet:
-            console.print(
-                f"fault campaign: {len(campaign.sites)} site(s) x {len(args.mode)} mode(s) = "
-                f"{len(jobs)} run(s), -j {args.jobs}, workloads {','.join(workloads)}; out {out}",
-                highlight=False,
-            )
-        scheduler.report = Progress(console, len(jobs), args.quiet)
-        campaign.runs, campaign.skipped = scheduler.run(jobs)
     if args.power_cut or args.power_cut_at:
-        run_powercuts(args, cfg, campaign, scheduler, console)
+        planned += plan_powercuts(args, cfg, campaign, scheduler)
+    ids = [r.id for r in planned]
+    costs = [r.cost_ms for r in planned]
+    campaign.plan_id = plan_id(plan_config(args, campaign.sites), ids)
+    if args.plan is not None and campaign.plan_id != args.plan["plan_id"]:
+        raise SystemExit(
+            f"fusefs-campaign: this checkout's sites are not the plan's "
+            f"(plan {campaign.plan_id}, not {args.plan['plan_id']}): a plan is for one version"
+        )
+    if args.write_plan:
+        write_plan(
+            out / "plan.json",
+            without_options(args.argv, ("--out",)),
+            campaign.plan_id,
+            planned,
+            campaign.powercut_requested,
+            campaign.powercut_events,
+            [r.to_json() for r in campaign.powercuts],
+        )
+        return campaign
+    mine = list(range(len(planned)))
+    if args.shard is not None:
+        mine = partition(costs, args.shard.count)[args.shard.index - 1]
+        campaign.shard = shard_section(args.shard, campaign.plan_id, ids, costs, mine)
+    jobs = [(planned[i].id, planned[i].job) for i in mine]
+    if not args.quiet:
+        faults = sum(1 for i in mine if planned[i].kind == "fault")
+        cuts = len(mine) - faults
+        what = f"shard {args.shard}: " if args.shard is not None else ""
+        console.print(
+            f"{what}{faults} fault run(s) of {len(campaign.sites)} site(s) x "
+            f"{len(args.mode)} mode(s), {cuts} power cut(s); expected "
+            f"{sum(costs[i] for i in mine) / 1000:.0f} s of {sum(costs) / 1000:.0f} s, "
+            f"-j {args.jobs}, workloads {','.join(workloads)}; out {out}",
+            highlight=False,
+        )
+    scheduler.report = Progress(console, len(jobs), args.quiet)
+    results, skipped = scheduler.run(jobs)
+    campaign.runs += [r for r in results if r.kind == "fault"]
+    campaign.powercuts += [r for r in results if r.kind == "powercut"]
+    campaign.skipped += skipped
     campaign.budget_exhausted = scheduler.exhausted and not scheduler.interrupted
     campaign.interrupted = scheduler.interrupted
     campaign.seconds = time.monotonic() - start
     return campaign
 
 
-def run_powercuts(
+def plan_powercuts(
     args: argparse.Namespace,
     cfg: RunConfig,
     campaign: Campaign,
     scheduler: Scheduler,
-    console: Console,
-) -> None:
-    if args.power_cut_at:
+) -> list[PlannedRun]:
+    """The cut points: ``--power-cut-at``'s, or drawn from a counting run of the
+    workload (``--power-cut all``: every event it counted)."""
+    if args.plan is not None:
+        pc = args.plan["powercut"]
+        campaign.powercut_requested = pc["requested"]
+        campaign.powercut_events = pc["workload_events"]
+        points = [p for p, _ in pc["points"]]
+        modes = [m for _, m in pc["points"]]
+    elif args.power_cut_at:
         points = sorted(set(args.power_cut_at))
     else:
         campaign.powercut_requested = args.power_cut
         if scheduler.out_of_time():
             campaign.skipped.append(f"{args.power_cut} power cut(s)")
-            return
+            return []
         count = run_powercut(None, "drop", cfg)
         campaign.powercut_events = count.events
         if count.outcome != "not reached" or not count.events:
             count.detail = count.detail or "the counting run did not finish cleanly"
             campaign.powercuts.append(count)
-            return
+            return []
         if args.power_cut_on == "flush":
             candidates = count.flush_events
         else:
             candidates = list(range(1, count.events + 1))
-        points = cut_points(candidates, args.power_cut, args.seed)
-    modes = list(iter_modes(args.power_cut_mode, len(points)))
-    jobs: list[tuple[str, Callable[[], RunResult]]] = [
-        (f"cut@{p} {m}", lambda p=p, m=m: run_powercut(p, m, cfg))  # type: ignore[misc]
+        wanted = len(candidates) if args.power_cut == "all" else args.power_cut
+        points = cut_points(candidates, wanted, args.seed)
+    if args.plan is None:
+        modes = list(iter_modes(args.power_cut_mode, len(points)))
+    events = campaign.powercut_events
+    return [
+        PlannedRun(
+            powercut_run_id(p, m),
+            "powercut",
+            powercut_cost(cfg, p, events),
+            lambda p=p, m=m: run_powercut(p, m, cfg),  # type: ignore[misc]
+        )
         for p, m in zip(points, modes, strict=True)
     ]
-    if not args.quiet:
-        events = campaign.powercut_events
-        of = f" of {events} device writes and flushes" if events else ""
-        console.print(f"power cuts: {len(jobs)} cut point(s){of}", highlight=False)
-    scheduler.report = Progress(console, len(jobs), args.quiet)
-    results, skipped = scheduler.run(jobs)
-    campaign.powercuts += results
-    campaign.skipped += skipped
 
 
 def write_reports(campaign: Campaign, out: Path) -> tuple[Path, Path]:
@@ -424,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--selftest", action="store_true", help="include the self-test sites (class ...:selftest)"
     )
     sel.add_argument("--list", action="store_true", help="list the selected sites and exit")
+    sel.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the whole campaign: every site x {', '.join(FULL_MODES)} (unless --mode), "
+        "and a power cut at every device write and flush (unless --power-cut)",
+    )
     run = p.add_argument_group("runs")
     run.add_argument(
         "--mode",
@@ -474,10 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     pc = p.add_argument_group("power cuts")
     pc.add_argument(
         "--power-cut",
-        type=int,
-        default=0,
-        metavar="N",
-        help="N cut points over a workload that fsyncs as it goes",
+        type=_power_cut_count,
+        default=None,
+        metavar="N|all",
+        help="N cut points over a workload that fsyncs as it goes; all: every device write "
+        "and flush it makes",
     )
     pc.add_argument(
         "--power-cut-mode",
@@ -507,15 +582,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-minimize", action="store_true", help="do not minimize failing fsx op lists"
     )
     outp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    outp.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="run the campaign of FILE (written by 'fusefs-campaign plan ARGS'): its flags, "
+        "sites and cut points, without a counting run",
+    )
+    outp.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="run shard K of N (from 1) of the run list, balanced by expected cost; "
+        "fold the shards' reports with 'fusefs-campaign merge DIR...'",
+    )
     return p
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _power_cut_count(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N or all, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("needs N >= 0")
+    return value
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv: Sequence[str] | None, write_plan: bool = False) -> argparse.Namespace:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
+    plan = None
+    if any(a == "--plan" or a.startswith("--plan=") for a in raw):
+        if write_plan:
+            parser.error("plan and --plan exclude each other")
+        try:
+            raw, plan = plan_argv(raw)
+        except ValueError as e:
+            parser.error(str(e))
     args = parser.parse_args(raw)
     args.argv = raw
-    args.mode = args.mode or ["oneshot"]
+    args.plan = plan
+    args.write_plan = write_plan
+    if write_plan and (args.shard is not None or args.list):
+        parser.error("plan writes the whole run list: no --shard, no --list")
+    args.mode = args.mode or list(FULL_MODES if args.full else ["oneshot"])
+    if args.power_cut is None:
+        args.power_cut = "all" if args.full else 0
     for mode in args.mode:
         if not _MODE_RE.match(mode):
             parser.error(f"bad --mode {mode!r}: oneshot, 'frequency N' or 'probability P'")
@@ -526,8 +647,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 parser.error(f"unknown workload {w!r} (choose from {', '.join(WORKLOADS)})")
     if args.jobs < 1:
         parser.error("-j needs at least 1")
-    if args.power_cut < 0:
-        parser.error("--power-cut needs N >= 0")
+    if args.shard is not None and args.list:
+        parser.error("--list and --shard exclude each other")
     args.pressure_spec = None
     if args.pressure is not None:
         try:
@@ -547,7 +668,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["merge"]:
+        return merge_main(raw[1:])
+    if raw[:1] == ["compare"]:
+        return compare_main(raw[1:])
+    args = parse_args(raw[1:], write_plan=True) if raw[:1] == ["plan"] else parse_args(raw)
     console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -558,6 +684,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for s in campaign.sites:
             print(f"{s.name:32} {s.cls:16} {s.module} ({s.file}:{s.line})")
+        return 0
+    if args.write_plan:
+        if campaign.powercuts:  # the counting run failed: no cut points to plan
+            (count,) = campaign.powercuts
+            print(f"fusefs-campaign plan: the counting run: {count.outcome}: {count.detail}")
+            return 1
+        print(f"plan {campaign.plan_id}: {out / 'plan.json'}")
         return 0
     json_path, md_path = write_reports(campaign, out)
     stdout = demo_console(highlight=False)

@@ -6,9 +6,38 @@ report can be rendered again from ``matrix.json`` alone.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Final
 
+_OUTCOMES: Final = ("clean", "not reached", "crash", "hang", "corruption", "fsck error")
 _FAILURES: Final = ("crash", "hang", "corruption", "fsck error")
+
+OUTCOME_FIELDS: Final = ("kind", "site", "mode", "outcome")
+"""The fields of a run that the outcome table holds, and that a merged report
+must share with the unsharded run's, run by run: a run's timing, fire and error
+counts, notes and directory may differ between two runs of one campaign."""
+
+
+def outcome_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
+    counter = Counter(r["outcome"] for r in runs)
+    return {o: counter.get(o, 0) for o in _OUTCOMES}
+
+
+def outcome_matrix(
+    sites: list[dict[str, Any]], runs: list[dict[str, Any]]
+) -> dict[str, dict[str, str]]:
+    """Site -> mode -> outcome."""
+    return {
+        s["name"]: {r["mode"]: r["outcome"] for r in runs if r["site"] == s["name"]} for s in sites
+    }
+
+
+def outcome_table(doc: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Every run of a report in order -- fault runs, then power cuts -- as its
+    `OUTCOME_FIELDS`."""
+    return [
+        tuple(str(r[f]) for f in OUTCOME_FIELDS) for r in [*doc["runs"], *doc["powercut"]["runs"]]
+    ]
 
 
 def _cell(run: dict[str, Any]) -> str:
@@ -63,6 +92,19 @@ def render_markdown(doc: dict[str, Any]) -> str:
     ]
     if doc["sites_total"]:
         lines.append(f"Sites in the code: {doc['sites_total']} ({per_class}).")
+    shard = doc.get("shard")
+    if shard:
+        lines.append(
+            f"Shard {shard['index']}/{shard['count']} of plan {shard['plan_id']}: "
+            f"{len(shard['assigned'])} of {len(shard['plan_runs'])} runs "
+            f"(`fusefs-campaign merge` folds the shards)."
+        )
+    merged = doc.get("merged")
+    if merged:
+        each = ", ".join(
+            f"{s['index']}: {s['runs']} runs, {s['seconds']:.0f} s" for s in merged["shards"]
+        )
+        lines.append(f"Merged from {merged['count']} shards of plan {merged['plan_id']} ({each}).")
     if doc["budget_exhausted"]:
         lines.append(f"**Time budget exhausted**: not run: {', '.join(doc['skipped'])}.")
     runs = doc["runs"]
@@ -117,4 +159,11 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     return out
 
 
-__all__ = ["render_markdown", "summary_lines"]
+__all__ = [
+    "OUTCOME_FIELDS",
+    "outcome_counts",
+    "outcome_matrix",
+    "outcome_table",
+    "render_markdown",
+    "summary_lines",
+]

@@ -56,6 +56,7 @@ from tools.fsx.model import (
     touching,
     why_invalid,
 )
+from tools.fsx.sweep import merge_main, run_sweep
 from tools.fsx.target import (
     ROUTES,
     Capabilities,
@@ -206,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="op mix: relative weights of op kinds (docs/fsx.md lists the defaults)",
     )
     g = p.add_argument_group("beyond fsx")
+    g.add_argument(
+        "--seeds",
+        metavar="A-B",
+        help="a sweep: one run per seed (A-B, A, or a list of them), each logged in "
+        "-P DIR/seed-S; the report is DIR/sweep.json and DIR/sweep.md",
+    )
+    g.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="with --seeds: run shard K of N (from 1) of the seeds; "
+        "'fusefs-fsx merge DIR...' folds the shards' reports",
+    )
     g.add_argument("--minimize", action="store_true", help="shrink a failing op list")
     g.add_argument(
         "--minimize-tries",
@@ -863,6 +876,11 @@ def run(argv: Sequence[str]) -> int:
         args = build_parser().parse_args(list(argv))
     except SystemExit as e:  # --help, or a usage error argparse has printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.seeds:
+        return run_sweep(args, argv, run)
+    if args.shard:
+        print("fusefs-fsx: --shard splits a --seeds sweep", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stdout
     try:
         replay = parse_ops(Path(args.replay_ops).read_text()) if args.replay_ops else None
@@ -996,8 +1014,11 @@ def _run_single(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["merge"]:  # a file called merge is ./merge
+        return merge_main(raw[1:])
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        return run(raw)
     except BrokenPipeError:
         # The reader of our output went away (``| head``): say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
