@@ -46,6 +46,7 @@ from typing import Any, Final
 from rich.console import Console
 
 from fusefs.demo import demo_console
+from tools.campaign import fuzz
 from tools.campaign.mount import Image, SiteInfo, kill_all, parse_listing
 from tools.campaign.report import render_markdown, summary_lines
 from tools.campaign.run import (
@@ -471,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repeatable",
     )
     add_pressure_arguments(run)
+    fuzz.add_arguments(p)
     pc = p.add_argument_group("power cuts")
     pc.add_argument(
         "--power-cut",
@@ -548,6 +550,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fuzz_image or args.fuzz_replay:
+        return fuzz.main(args)
     console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
