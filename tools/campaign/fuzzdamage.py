@@ -557,7 +557,7 @@ def _write_blob(img: bytearray, layout: Layout, blob: bytes, rng: random.Random)
     return runs
 
 
-def _write_index(img: bytearray, layout: Layout, index: Any, rng: random.Random) -> None:
+def write_index(img: bytearray, layout: Layout, index: Any, rng: random.Random) -> None:
     """``index`` as the current checkpoint's, every checksum up to the superblock right."""
     bs, sb = layout.bs, layout.sb
     blob = encode_blob(index)
@@ -569,16 +569,21 @@ def _write_index(img: bytearray, layout: Layout, index: Any, rng: random.Random)
     _write(img, bs, SUPERBLOCK_BLOCKS[layout.copy], new_sb.pack(bs))
 
 
+def replace_chunk(img: bytearray, layout: Layout, i: int, records: Any, rng: random.Random) -> None:
+    """Chunk ``i`` of the checkpoint replaced by ``records``, every checksum right."""
+    blob = encode_blob(records)
+    runs = _write_blob(img, layout, blob, rng)
+    index = copy.deepcopy(layout.index)
+    index["chunks"][i] = [[list(r) for r in runs], len(blob), crc32(blob)]
+    write_index(img, layout, index, rng)
+
+
 def meta_checkpoint(img: bytearray, layout: Layout, rng: random.Random) -> str:
     ctx = Ctx(layout, rng)
     i = rng.randrange(len(layout.chunks))
     records = copy.deepcopy(layout.chunks[i])
     what = mutate_record(records, ctx, whole=True)
-    blob = encode_blob(records)
-    runs = _write_blob(img, layout, blob, rng)
-    index = copy.deepcopy(layout.index)
-    index["chunks"][i] = [[list(r) for r in runs], len(blob), crc32(blob)]
-    _write_index(img, layout, index, rng)
+    replace_chunk(img, layout, i, records, rng)
     return f"checkpoint chunk {i}: {what}"
 
 
@@ -625,7 +630,7 @@ def meta_index(img: bytearray, layout: Layout, rng: random.Random) -> str:
         ]
         index = rng.choice(choices)
         desc = f"index {str(index)[:40]}"
-    _write_index(img, layout, index, rng)
+    write_index(img, layout, index, rng)
     return f"checkpoint index: {desc}"
 
 
@@ -673,6 +678,31 @@ def mutate_payload(payload: dict[str, Any], ctx: Ctx) -> str:
     return f"{key} = {payload[key]!r}"
 
 
+def empty_payload(layout: Layout) -> dict[str, Any]:
+    """A journal payload that changes nothing."""
+    last = layout.entries[-1].payload if layout.entries else layout.index
+    return {"next_ino": last["next_ino"], "inodes": [], "dirents": [], "extents": [], "deleted": []}
+
+
+def add_entry(img: bytearray, layout: Layout, payload: Any) -> str:
+    """``payload`` as a valid journal entry after the last one -- or, when the
+    ring has no room for it, in place of the last one."""
+    blob = encode_blob(payload)
+    raw = _entry_raw(layout, layout.next_seq, blob)
+    used = sum(e.blocks for e in layout.entries)
+    if used + len(raw) // layout.bs <= layout.sb.journal_blocks:
+        _ring_write(img, layout, layout.head, raw)
+        return f"journal entry {layout.next_seq} added"
+    if not layout.entries:
+        return "journal full, nothing changed"
+    last = layout.entries[-1]
+    raw = _entry_raw(layout, last.seq, blob)
+    if len(raw) // layout.bs > last.blocks + layout.sb.journal_blocks - used:
+        return "journal full, nothing changed"
+    _ring_write(img, layout, last.pos, raw)
+    return f"journal entry {last.seq} replaced"
+
+
 def meta_journal(img: bytearray, layout: Layout, rng: random.Random) -> str:
     """An entry's records changed: an existing entry rewritten in place (when it
     still fits its blocks), or a new entry after the last one."""
@@ -685,32 +715,9 @@ def meta_journal(img: bytearray, layout: Layout, rng: random.Random) -> str:
         if JOURNAL_HEADER_SIZE + len(blob) <= e.blocks * layout.bs:
             _ring_write(img, layout, e.pos, _entry_raw(layout, e.seq, blob, e.blocks))
             return f"journal entry {e.seq} rewritten: {what}"
-    payload = {
-        "next_ino": layout.index["next_ino"],
-        "inodes": [],
-        "dirents": [],
-        "extents": [],
-        "deleted": [],
-    }
-    if layout.entries:
-        payload["next_ino"] = layout.entries[-1].payload["next_ino"]
+    payload = empty_payload(layout)
     what = mutate_payload(payload, ctx)
-    blob = encode_blob(payload)
-    raw = _entry_raw(layout, layout.next_seq, blob)
-    used = sum(e.blocks for e in layout.entries)
-    if used + len(raw) // layout.bs > layout.sb.journal_blocks:
-        # The ring is full: the new entry replaces the last one.
-        if not layout.entries:
-            return "journal full, nothing changed"
-        last = layout.entries[-1]
-        payload["next_ino"] = last.payload["next_ino"]
-        raw = _entry_raw(layout, last.seq, encode_blob(payload))
-        if len(raw) // layout.bs > last.blocks + layout.sb.journal_blocks - used:
-            return "journal full, nothing changed"
-        _ring_write(img, layout, last.pos, raw)
-        return f"journal entry {last.seq} replaced: {what}"
-    _ring_write(img, layout, layout.head, raw)
-    return f"journal entry {layout.next_seq} added: {what}"
+    return f"{add_entry(img, layout, payload)}: {what}"
 
 
 Damage = Callable[[bytearray, Layout, random.Random], str]
@@ -738,4 +745,15 @@ def damage(base: bytes, kind: str, seed: int) -> tuple[bytes, str]:
     return bytes(img), recipe
 
 
-__all__ = ["KINDS", "Layout", "damage", "mutate_payload", "mutate_record", "parse"]
+__all__ = [
+    "KINDS",
+    "Layout",
+    "add_entry",
+    "damage",
+    "empty_payload",
+    "mutate_payload",
+    "mutate_record",
+    "parse",
+    "replace_chunk",
+    "write_index",
+]
