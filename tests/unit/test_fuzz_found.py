@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import trio
 
+from fusefs.errors import Corrupt
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.format import mkfs
 from fusefs.fsck import fsck
+from fusefs.inode import Inode
 from fusefs.namespace import ROOT_INO
 from tools.campaign.fuzzdamage import add_entry, empty_payload, parse, replace_chunk, write_index
 
@@ -109,3 +111,48 @@ async def test_a_journal_name_that_is_not_a_string_is_refused(tree: Path) -> Non
     result = fsck(tree)
     assert result.exit_code == 8
     assert "bad record" in result.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("mode", 1 << 40),  # stat.S_ISDIR raised OverflowError
+        ("mode", 0o644),  # no file type
+        ("ino", 0),  # 0 stands for the metadata in fsck's block owners
+        ("ino", -1),
+        ("nlink", -1),
+        ("size", -1),
+        ("uid", 1 << 40),
+        ("gid", "0"),
+        ("mtime", 1.5),
+        ("xattrs", {"": ""}),  # an empty name: getxattr refused it, fsck did not
+        ("xattrs", {"user.a": "ab" * 70000}),
+    ],
+)
+def test_an_inode_record_out_of_range_is_refused(key: str, value: Any) -> None:
+    rec = Inode(ino=5, mode=0o100644, uid=0, gid=0, nlink=1).to_record()
+    Inode.from_record(rec)
+    rec[key] = value
+    with pytest.raises(ValueError, match=r"out of range|unknown file type"):
+        Inode.from_record(rec)
+
+
+async def test_a_checkpoint_with_a_mode_out_of_range_is_refused(tree: Path) -> None:
+    def change(recs: dict[int, dict[str, Any]]) -> None:
+        recs[inos(tree)["g"]]["mode"] = 1 << 40
+
+    rewrite_checkpoint(tree, change)
+    result = fsck(tree)
+    assert result.exit_code == 8
+    assert "mode" in result.errors[0]
+
+
+async def test_a_mount_of_a_record_out_of_range_fails_cleanly(tree: Path) -> None:
+    ino = inos(tree)
+    journal(tree, lambda p: p["inodes"].append({**_attrs(ino["g"]), "uid": 1 << 40}))
+    with pytest.raises(Corrupt, match="uid"):
+        await Filesystem.mount(tree, OPTS)
+
+
+def _attrs(ino: int) -> dict[str, Any]:
+    return Inode(ino=ino, mode=0o100644, uid=0, gid=0, nlink=1).to_record(whole=False)
