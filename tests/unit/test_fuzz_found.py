@@ -156,3 +156,84 @@ async def test_a_mount_of_a_record_out_of_range_fails_cleanly(tree: Path) -> Non
 
 def _attrs(ino: int) -> dict[str, Any]:
     return Inode(ino=ino, mode=0o100644, uid=0, gid=0, nlink=1).to_record(whole=False)
+
+
+# fsck --repair
+
+
+async def test_repair_writes_the_next_inode_number_it_corrects(tree: Path) -> None:
+    """fsck --repair counted the error fixed but wrote nothing: fsck found it again."""
+    journal(tree, lambda p: p.update(next_ino=2))
+    lower_next_ino(tree)
+    await assert_repairs(tree, "next inode number 2")
+
+
+async def test_repair_leaves_a_directory_one_name(tree: Path) -> None:
+    """/a/b/loop naming /a: 'more than one name' was an error fsck left (exit 4)."""
+    ino = inos(tree)
+    rewrite_checkpoint(tree, lambda r: r[ino["b"]]["entries"].update(loop=ino["a"]))
+    await assert_repairs(tree, f"directory {ino['a']} has 2 names")
+    fs = await Filesystem.mount(tree, OPTS)
+    assert fs.ns.lookup(ROOT_INO, b"a").ino == ino["a"]
+    assert b"loop" not in (fs.ns.get(ino["b"]).entries or {})
+    await fs.unmount()
+
+
+async def test_repair_breaks_a_loop_nothing_reaches(tree: Path) -> None:
+    """/a and /a/b holding each other, /a's name gone: both went to lost+found
+    and kept their names in each other -- directories with two names again."""
+    ino = inos(tree)
+
+    def change(r: dict[int, dict[str, Any]]) -> None:
+        del r[ROOT_INO]["entries"]["a"]
+        r[ino["b"]]["entries"]["up"] = ino["a"]
+
+    rewrite_checkpoint(tree, change)
+    await assert_repairs(tree, f"inode {ino['a']} is not reachable")
+    fs = await Filesystem.mount(tree, OPTS)
+    lf = fs.ns.lookup(ROOT_INO, b"lost+found")
+    assert lf.entries is not None
+    assert ino["a"] in lf.entries.values()
+    assert fs.ns.get(ROOT_INO).nlink == 3  # 2 + lost+found (/a is in it now)
+    await fs.unmount()
+
+
+async def test_repair_counts_lost_found_in_the_root_link_count(tree: Path) -> None:
+    """A removed /a left /a/b unreachable: the new lost+found raised the root's
+    count by hand, and the count check then set it back."""
+    ino = inos(tree)
+    journal(tree, lambda p: p["deleted"].append(ino["a"]))
+    await assert_repairs(tree, f"entry b'a' names missing inode {ino['a']}")
+
+
+async def test_check_only_with_a_dangling_entry_and_a_loop(tree: Path) -> None:
+    """Without --repair the dangling entry stays, and the later checks looked
+    the missing inode up: KeyError."""
+    ino = inos(tree)
+
+    def change(r: dict[int, dict[str, Any]]) -> None:
+        r[ino["b"]]["entries"]["gone"] = 999
+        r[ino["b"]]["entries"]["loop"] = ino["a"]
+
+    rewrite_checkpoint(tree, change)
+    await assert_repairs(tree, "names missing inode 999", "has 2 names")
+
+
+async def test_repair_drops_entries_naming_the_root_or_with_bad_names(tree: Path) -> None:
+    ino = inos(tree)
+
+    def change(p: dict[str, Any]) -> None:
+        p["dirents"] += [[ino["a"], "root", ROOT_INO], [ino["a"], "x/y", ino["g"]]]
+
+    journal(tree, change)
+    await assert_repairs(tree, "names the root directory", "is not a valid name")
+
+
+async def test_repair_cuts_a_size_past_the_largest_file(tree: Path) -> None:
+    """A size of 2**62: every read of the file failed; fsck found nothing."""
+    ino = inos(tree)
+    rewrite_checkpoint(tree, lambda r: r[ino["g"]].update(size=1 << 62))
+    await assert_repairs(tree, "past the largest file")
+    fs = await Filesystem.mount(tree, OPTS)
+    assert fs.ns.get(ino["g"]).size == 8192
+    await fs.unmount()
