@@ -5,7 +5,7 @@ On three copies of the image:
 1. ``fsck`` (check only);
 2. mount in-process (`Filesystem.mount`, read-write: recovery runs), read
    everything -- walk the tree, read every file, readlink, listxattr and
-   getxattr -- and unmount;
+   getxattr -- and unmount; fsck must still load what the unmount left;
 3. ``fsck --repair``, then a second ``fsck``, which must be clean, and a mount
    that reads everything again.
 
@@ -21,7 +21,8 @@ Outcomes: ``refused`` (fsck and mount refuse it with a clean one-line error),
 `FsError` escaped fsck, mount, a read or unmount), ``hang`` (the image's worker
 overran its time), ``bad data`` (a read outside the file's extents, or a mount
 that accepted an extent it must not), ``repair failed`` (the repaired image
-does not mount or read, or the second fsck still finds errors), ``fsck missed``
+does not mount or read, the second fsck still finds errors, or a mount left
+an image fsck can no longer load), ``fsck missed``
 (fsck called the image clean, but mount refused it or a read failed).
 """
 
@@ -333,6 +334,12 @@ def _judge(copies: list[Path], verdict: Verdict, timeout: float) -> None:
     first = _fsck(check)
     verdict.fsck_exit = first.exit_code
     report = verdict.mount = mount_and_read(mount, timeout)
+    if not report.refused and first.exit_code != EXIT_OPERATIONAL:
+        # The mount ran recovery and committed at unmount: that must not have
+        # made the image one fsck can no longer load.
+        after = _fsck(mount)
+        if after.exit_code == EXIT_OPERATIONAL:
+            raise Failure("repair failed", f"the mount left it unloadable: {after.errors[:1]}")
     if first.exit_code == EXIT_CLEAN:
         if report.refused:
             raise Failure("fsck missed", f"fsck found it clean; mount refused: {report.refused}")

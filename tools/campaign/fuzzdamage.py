@@ -582,7 +582,10 @@ def meta_checkpoint(img: bytearray, layout: Layout, rng: random.Random) -> str:
     ctx = Ctx(layout, rng)
     i = rng.randrange(len(layout.chunks))
     records = copy.deepcopy(layout.chunks[i])
-    what = mutate_record(records, ctx, whole=True)
+    # One change most of the time; sometimes a few at once.
+    what = "; ".join(
+        mutate_record(records, ctx, whole=True) for _ in range(rng.choice((1, 1, 1, 2, 3)))
+    )
     replace_chunk(img, layout, i, records, rng)
     return f"checkpoint chunk {i}: {what}"
 
@@ -739,9 +742,12 @@ KINDS: Final[dict[str, Damage]] = {
 def damage(base: bytes, kind: str, seed: int) -> tuple[bytes, str]:
     """``base`` damaged by ``kind``, deterministically for ``seed``."""
     rng = random.Random(f"{kind}:{seed}")
-    img = bytearray(base)
-    layout = parse(img)
-    recipe = KINDS[kind](img, layout, rng)
+    for _ in range(20):
+        img = bytearray(base)
+        recipe = KINDS[kind](img, parse(img), rng)
+        # A tear from the same bytes, a block swapped with itself: draw again.
+        if img != base or "nothing changed" in recipe:
+            break
     return bytes(img), recipe
 
 
