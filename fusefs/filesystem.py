@@ -57,7 +57,7 @@ from fusefs.io import buffered, direct
 from fusefs.io.readahead import ReadaheadState
 from fusefs.io.truncate import truncate as truncate_inode
 from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
-from fusefs.namespace import NAME_MAX, Namespace, Unlinked
+from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
 from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,13 @@ class Filesystem:
         if dynamic_fault("mount_recover", cls="error:mount"):
             raise IOFailure("mount: injected error during recovery")
         orphans = [i for i in self.ns.inodes.values() if i.nlink == 0]
+        if orphans:
+            # A link count of 0 on an inode that a name still reaches is a wrong
+            # count (fsck fixes it), not an orphan: reclaiming it would leave the
+            # names dangling -- or, for the root, no filesystem.
+            named = {ino for d in self.ns.inodes.values() for ino in (d.entries or {}).values()}
+            named.add(ROOT_INO)
+            orphans = [i for i in orphans if i.ino not in named]
         for inode in orphans:
             self.ns.remove(inode)
             await self._free_blocks(inode)

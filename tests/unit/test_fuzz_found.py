@@ -237,3 +237,28 @@ async def test_repair_cuts_a_size_past_the_largest_file(tree: Path) -> None:
     fs = await Filesystem.mount(tree, OPTS)
     assert fs.ns.get(ino["g"]).size == 8192
     await fs.unmount()
+
+
+# mount
+
+
+async def test_mount_reclaims_no_inode_a_name_still_reaches(tree: Path) -> None:
+    """A link count of 0 on the root and on /g: recovery took both for orphans
+    of files unlinked while open, removed them, and the unmount committed a
+    filesystem without a root (refused at the next mount)."""
+    ino = inos(tree)
+
+    def change(r: dict[int, dict[str, Any]]) -> None:
+        r[ROOT_INO]["nlink"] = 0
+        r[ino["g"]]["nlink"] = 0
+
+    rewrite_checkpoint(tree, change)
+    fs = await Filesystem.mount(tree, OPTS)
+    assert fs.ns.lookup(ROOT_INO, b"g").ino == ino["g"]
+    await fs.unmount()
+    await assert_repairs(tree, f"inode {ino['g']}: link count 0, should be 1")
+    fs = await Filesystem.mount(tree, OPTS)
+    fh = await fs.open(ino["g"], os.O_RDONLY)
+    assert await fs.read(fh, 0, 8192) == b"x" * 8192
+    await fs.release(fh)
+    await fs.unmount()
