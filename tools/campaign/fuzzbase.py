@@ -40,7 +40,7 @@ from fusefs.commit import load_checkpoint
 from fusefs.control import parse_fallocate
 from fusefs.errors import FsError
 from fusefs.filesystem import Filesystem, MountOptions, mapped_runs
-from fusefs.format import mkfs, normalize_runs
+from fusefs.format import mkfs, normalize_runs, probe_block_size
 from fusefs.namespace import ROOT_INO
 
 BS: Final = 4096
@@ -323,6 +323,7 @@ class BaseSpec:
     name: str
     build: Callable[[Filesystem, random.Random], Awaitable[None]]
     size: int = 2 << 20
+    block_size: int = 4096
     orphans: bool = False  # stop without unmounting, files unlinked while open
     checkpoint: bool = False  # a checkpoint, then more journal entries
 
@@ -335,13 +336,14 @@ BASES: Final = (
     BaseSpec("orphans", _mixed, orphans=True),
     BaseSpec("checkpointed", _many_dirs, checkpoint=True),
     BaseSpec("mixed", _mixed, size=3 << 20),
+    BaseSpec("small-blocks", _links, size=1 << 20, block_size=1024),
 )
 BASE_NAMES: Final = tuple(b.name for b in BASES)
 
 
 async def _build(spec: BaseSpec, path: Path, seed: int) -> None:
     rng = random.Random(f"{seed}:{spec.name}")
-    mkfs(path, spec.size, force=True)
+    mkfs(path, spec.size, block_size=spec.block_size, force=True)
     fs = await Filesystem.mount(path, MountOptions(commit_interval=3600))
     try:
         await spec.build(fs, rng)
@@ -371,7 +373,7 @@ async def _build(spec: BaseSpec, path: Path, seed: int) -> None:
 
 def poison_free_blocks(path: Path) -> int:
     """Fill every block of the data area that nothing maps with `POISON`."""
-    dev = BlockDevice(os.fspath(path), BS, read_only=False)
+    dev = BlockDevice(os.fspath(path), probe_block_size(path), read_only=False)
     try:
         loaded = load_checkpoint(dev)
         sb = loaded.superblock

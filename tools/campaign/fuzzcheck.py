@@ -228,7 +228,12 @@ class _Reader:
         entries = 0
         while stack and entries < WALK_CAP:
             path, ino = stack.pop()
-            fh = await self.fs.opendir(ino)
+            try:
+                fh = await self.fs.opendir(ino)
+            except FsError as e:
+                _one_line(f"opendir {path or '/'}", str(e))
+                self.report.errors.append(f"{path or '/'}: {e}")
+                continue
             try:
                 names = [(n, a) for n, a, _ in self.fs.readdir_entries(fh, 0)]
             finally:

@@ -19,7 +19,9 @@ base, kind and seed always give the same image.  Kinds:
   changed (double-mapped blocks, wrong link counts, loops in the tree, entries
   naming missing inodes, extents past the device or into the superblocks,
   journal or checkpoint, negative or huge sizes, wrong types) and re-encoded
-  with every checksum up to the superblock made right.
+  with every checksum up to the superblock made right;
+* ``combined``: one of the torn or changed kinds, then raw damage or a changed
+  journal entry on top.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def _read_runs(img: bytes | bytearray, bs: int, runs: list[Run]) -> bytes:
 def parse(img: bytes | bytearray) -> Layout:
     """Decode a healthy base image."""
     best: tuple[Superblock, int] | None = None
+    bs0 = Superblock.unpack(bytes(img[:1024])).block_size  # copy A is at 0, B one block on
     for c, blk in enumerate(SUPERBLOCK_BLOCKS):
-        bs0 = 4096
         sb = Superblock.unpack(bytes(img[blk * bs0 : blk * bs0 + bs0]))
         if best is None or sb.seq > best[0].seq:
             best = (sb, c)
@@ -400,14 +402,19 @@ def mutate_record(records: list[dict[str, Any]], ctx: Ctx, *, whole: bool) -> st
     rng = ctx.rng
     dirs, files = _of_kind(records, "dir"), _of_kind(records, "reg")
     links = _of_kind(records, "lnk")
-    ops = ["nlink", "size", "type", "types", "duplicate", "ino", "xattrs", "remove"]
+    # Three changes in four keep every field's type (only the checks of the
+    # tree, the counts and the blocks can catch them); the rest are garbage.
+    sound = ["nlink", "size", "type", "duplicate", "remove"]
+    garbage = ["types", "ino", "xattrs"]
     if whole and files:
-        ops += ["double-map", "extent-bad-place", "extent-bad-shape"] * 2
+        sound += ["double-map", "extent-bad-place"] * 2
+        garbage.append("extent-bad-shape")
     if whole and dirs:
-        ops += ["loop", "dangling", "entries-type", "parent"] * 2
+        sound += ["loop", "dangling", "parent"] * 2
+        garbage.append("entries-type")
     if links:
-        ops.append("target")
-    op = rng.choice(ops)
+        sound.append("target")
+    op = rng.choice(sound) if rng.random() < 0.75 else rng.choice(garbage)
     if op == "double-map":
         rec = rng.choice(files)
         runs = rec.setdefault("extents", [])
@@ -461,16 +468,8 @@ def mutate_record(records: list[dict[str, Any]], ctx: Ctx, *, whole: bool) -> st
         return f"directory {d['ino']}: entry naming directory {target} (a loop)"
     if op == "dangling":
         d = rng.choice(dirs)
-        ino = rng.choice(
-            [
-                max(r.get("ino", 0) for r in records if isinstance(r.get("ino"), int)) + 50,
-                0,
-                -1,
-                1 << 63,
-                "5",
-                None,
-            ]
-        )
+        top = max((r["ino"] for r in records if isinstance(r.get("ino"), int)), default=1)
+        ino = rng.choice([top + 50, top + 1, 1 << 40, 0])
         d.setdefault("entries", {})["dangling"] = ino
         return f"directory {d['ino']}: entry naming inode {ino!r}"
     if op == "entries-type":
@@ -479,36 +478,28 @@ def mutate_record(records: list[dict[str, Any]], ctx: Ctx, *, whole: bool) -> st
         return f"directory {d['ino']}: entries {d['entries']!r}"
     if op == "parent":
         d = rng.choice(dirs)
-        d["parent"] = rng.choice([d["ino"], 0, 99999, -1, "1"])
+        d["parent"] = rng.choice([d["ino"], 0, 99999, rng.choice(dirs)["ino"]])
         return f"directory {d['ino']}: parent {d['parent']!r}"
     rec = rng.choice(records)
     ino = rec.get("ino")
     if op == "nlink":
-        rec["nlink"] = rng.choice([0, rec.get("nlink", 1) + rng.randint(1, 3), -1, 1 << 40])
+        n = rec.get("nlink", 1) if isinstance(rec.get("nlink"), int) else 1
+        rec["nlink"] = rng.choice([0, n + rng.randint(1, 3), max(0, n - 1), 1 << 31])
         return f"inode {ino}: nlink {rec['nlink']}"
     if op == "size":
-        rec["size"] = rng.choice([-1, -(1 << 40), 1 << 62, 1 << 63, 1 << 70, 1 << 44, 0])
+        rec["size"] = rng.choice([0, 1, 1 << 44, 1 << 62, (1 << 63) - 1, 4095])
         return f"inode {ino}: size {rec['size']}"
     if op == "type":
         perm = 0o644
         rec["mode"] = rng.choice(
-            [
-                0o040000 | perm,
-                0o100000 | perm,
-                0o120000 | perm,
-                0o140000 | perm,
-                0o020000 | perm,
-                0,
-                perm,
-                1 << 40,
-            ]
+            [0o040000 | perm, 0o100000 | perm, 0o120000 | perm, 0o140000 | perm, 0o020000 | perm]
         )
         return f"inode {ino}: mode {rec['mode']:o}"
     if op == "types":
         key = rng.choice(
             ["ino", "mode", "uid", "gid", "nlink", "size", "atime", "mtime", "ctime", "rdev", "gen"]
         )
-        rec[key] = rng.choice(_WEIRD)
+        rec[key] = rng.choice([*_WEIRD, 0, 1 << 40] if key == "mode" else _WEIRD)
         return f"inode {ino}: {key} = {rec[key]!r}"
     if op == "duplicate":
         dup = copy.deepcopy(rec)
@@ -524,7 +515,7 @@ def mutate_record(records: list[dict[str, Any]], ctx: Ctx, *, whole: bool) -> st
         return f"inode {ino}: xattrs {str(rec['xattrs'])[:40]}"
     if op == "target":
         lnk = rng.choice(links)
-        lnk["target"] = rng.choice([5, None, "", "x" * 5000, ["a"]])
+        lnk["target"] = rng.choice(["", "x" * 5000, "/", "../" * 300, "\udcff"])
         return f"symlink {lnk['ino']}: target {str(lnk['target'])[:20]!r}"
     records.remove(rec)
     return f"inode {ino}: record removed"
@@ -582,10 +573,14 @@ def meta_checkpoint(img: bytearray, layout: Layout, rng: random.Random) -> str:
     ctx = Ctx(layout, rng)
     i = rng.randrange(len(layout.chunks))
     records = copy.deepcopy(layout.chunks[i])
-    # One change most of the time; sometimes a few at once.
-    what = "; ".join(
-        mutate_record(records, ctx, whole=True) for _ in range(rng.choice((1, 1, 1, 2, 3)))
-    )
+    what = mutate_record(records, ctx, whole=True)
+    # Sometimes a few changes at once; a later one may find a record an earlier
+    # one made unusable for it, and is then left out.
+    for _ in range(rng.choice((0, 0, 0, 1, 2))):
+        try:
+            what += "; " + mutate_record(records, ctx, whole=True)
+        except (TypeError, AttributeError, IndexError, ValueError, KeyError):
+            break
     replace_chunk(img, layout, i, records, rng)
     return f"checkpoint chunk {i}: {what}"
 
@@ -723,6 +718,14 @@ def meta_journal(img: bytearray, layout: Layout, rng: random.Random) -> str:
     return f"{add_entry(img, layout, payload)}: {what}"
 
 
+def combined(img: bytearray, layout: Layout, rng: random.Random) -> str:
+    """Two damages at once: a torn or changed piece of metadata and raw damage."""
+    first = rng.choice([torn_superblock, torn_journal, meta_checkpoint, meta_journal])
+    second = rng.choice([bitflip, zero_blocks, swap_blocks, torn_checkpoint, meta_journal])
+    done = first(img, layout, rng)
+    return f"{done}; then {second(img, layout, rng)}"
+
+
 Damage = Callable[[bytearray, Layout, random.Random], str]
 
 KINDS: Final[dict[str, Damage]] = {
@@ -736,6 +739,7 @@ KINDS: Final[dict[str, Damage]] = {
     "meta-checkpoint": meta_checkpoint,
     "meta-index": meta_index,
     "meta-journal": meta_journal,
+    "combined": combined,
 }
 
 
