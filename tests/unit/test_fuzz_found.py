@@ -19,7 +19,7 @@ import trio
 
 from fusefs.errors import Corrupt
 from fusefs.filesystem import Filesystem, MountOptions
-from fusefs.format import mkfs
+from fusefs.format import JOURNAL_START, mkfs
 from fusefs.fsck import fsck
 from fusefs.inode import Inode
 from fusefs.namespace import ROOT_INO
@@ -85,6 +85,17 @@ def lower_next_ino(path: Path) -> None:
     index["next_ino"] = 2
     write_index(img, layout, index, random.Random(0))
     path.write_bytes(img)
+
+
+def zero_entry_header(path: Path, i: int) -> int:
+    """The first block of the journal's ``i``-th live entry zeroed; its number."""
+    img = bytearray(path.read_bytes())
+    layout = parse(img)
+    entry = layout.entries[i]
+    blk = JOURNAL_START + entry.pos
+    img[blk * layout.bs : (blk + 1) * layout.bs] = bytes(layout.bs)
+    path.write_bytes(img)
+    return entry.seq
 
 
 async def assert_repairs(path: Path, *errors: str) -> None:
@@ -262,3 +273,21 @@ async def test_mount_reclaims_no_inode_a_name_still_reaches(tree: Path) -> None:
     assert await fs.read(fh, 0, 8192) == b"x" * 8192
     await fs.release(fh)
     await fs.unmount()
+
+
+async def test_a_missing_entry_with_later_entries_is_refused(tree: Path) -> None:
+    """The header of a middle entry zeroed: replay stopped there and the mount
+    went on; its first commit, written where replay stopped, made the stale
+    entries after it replayable again -- on the next mount they were applied
+    on top of the new state (here: the root removed)."""
+    fs = await Filesystem.mount(tree, OPTS)
+    for name in (b"j1", b"j2", b"j3"):
+        fh, _ = await fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
+        await fs.release(fh)
+        await fs.commit()
+    await fs.unmount()
+    journal(tree, lambda p: p["deleted"].append(ROOT_INO))
+    seq = zero_entry_header(tree, 1)
+    with pytest.raises(Corrupt, match=f"entry {seq} is damaged or missing"):
+        await Filesystem.mount(tree, OPTS)
+    assert fsck(tree).exit_code == 8
