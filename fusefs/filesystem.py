@@ -43,6 +43,7 @@ from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, load_checkpoint
 from fusefs.errors import (
+    Corrupt,
     FsError,
     InvalidArgument,
     IOFailure,
@@ -52,7 +53,7 @@ from fusefs.errors import (
 from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.faults import REGISTRY, dynamic_fault, race_fault
 from fusefs.format import normalize_runs, parse_size, probe_block_size
-from fusefs.inode import Inode, now_ns
+from fusefs.inode import INO_LIMIT, Inode, now_ns
 from fusefs.io import buffered, direct
 from fusefs.io.readahead import ReadaheadState
 from fusefs.io.truncate import truncate as truncate_inode
@@ -244,7 +245,12 @@ class Filesystem:
                 "y" if loaded.journal.entries == 1 else "ies",
                 "; dropped a torn entry at its end" if loaded.journal.torn else "",
             )
-        return cls(dev, alloc, Namespace(loaded.inodes, loaded.next_ino), committer, options)
+        # A next inode number at or below one in use (fsck reports it) would
+        # hand that number out again; one past the limit, numbers no load takes.
+        next_ino = max(loaded.next_ino, max(loaded.inodes) + 1)
+        if next_ino >= INO_LIMIT:
+            raise Corrupt(f"next inode number {next_ino} out of range (run fusefs fsck --repair)")
+        return cls(dev, alloc, Namespace(loaded.inodes, next_ino), committer, options)
 
     async def _recover(self) -> None:
         """Reclaim orphans left by a daemon that died with unlinked files open."""

@@ -47,7 +47,7 @@ from fusefs.commit import Committer, Loaded, load_checkpoint
 from fusefs.errors import FsError
 from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.format import SUPERBLOCK_BLOCKS, Superblock, normalize_runs, probe_block_size
-from fusefs.inode import Inode, now_ns
+from fusefs.inode import INO_LIMIT, Inode, now_ns
 from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace
 
 EXIT_CLEAN = 0
@@ -205,6 +205,9 @@ def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:
         return None
     if inodes and loaded.next_ino <= max(inodes):
         check.error(f"next inode number {loaded.next_ino} not above the largest in use")
+        loaded.next_ino = max(inodes) + 1
+    elif loaded.next_ino >= INO_LIMIT:
+        check.error(f"next inode number {loaded.next_ino} out of range")
         loaded.next_ino = max(inodes) + 1
     return inodes
 

@@ -45,6 +45,9 @@ def name_from_json(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+#: Inode numbers are below this (what a loaded record may hold).
+INO_LIMIT: Final = 1 << 63
+
 #: The attributes a checkpoint or journal record holds (entries and extents aside).
 STORED: Final = frozenset(
     {
@@ -189,7 +192,7 @@ class Inode:
         mode = _field(rec, "mode", 0, 1 << 32)
         if stat.S_IFMT(mode) not in _FILE_TYPES:
             raise ValueError(f"mode {mode:o}: unknown file type")
-        put(inode, "ino", _field(rec, "ino", 1, 1 << 63))
+        put(inode, "ino", _field(rec, "ino", 1, INO_LIMIT))
         put(inode, "mode", mode)
         put(inode, "uid", _field(rec, "uid", 0, 1 << 32))
         put(inode, "gid", _field(rec, "gid", 0, 1 << 32))

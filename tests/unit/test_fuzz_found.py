@@ -291,3 +291,23 @@ async def test_a_missing_entry_with_later_entries_is_refused(tree: Path) -> None
     with pytest.raises(Corrupt, match=f"entry {seq} is damaged or missing"):
         await Filesystem.mount(tree, OPTS)
     assert fsck(tree).exit_code == 8
+
+
+async def test_mount_never_hands_out_an_inode_number_in_use(tree: Path) -> None:
+    """A next inode number of 2 in the checkpoint: the next file created took
+    number 2 -- replacing /a -- and the image lost its tree."""
+    lower_next_ino(tree)
+    fs = await Filesystem.mount(tree, OPTS)
+    fh, attr = await fs.create(ROOT_INO, b"new", 0o644, os.O_RDWR, 0, 0)
+    await fs.release(fh)
+    assert attr.ino > max(inos(tree).values())
+    await fs.unmount()
+    assert fsck(tree).exit_code == 0
+
+
+async def test_a_next_inode_number_out_of_range_is_refused_then_repaired(tree: Path) -> None:
+    """2**70 from the journal: the next file got a number no load accepts."""
+    journal(tree, lambda p: p.update(next_ino=1 << 70))
+    with pytest.raises(Corrupt, match="next inode number"):
+        await Filesystem.mount(tree, OPTS)
+    await assert_repairs(tree, "out of range")
