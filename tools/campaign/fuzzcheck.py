@@ -5,9 +5,11 @@ On three copies of the image:
 1. ``fsck`` (check only);
 2. mount in-process (`Filesystem.mount`, read-write: recovery runs), read
    everything -- walk the tree, read every file, readlink, listxattr and
-   getxattr -- and unmount; fsck must still load what the unmount left;
+   getxattr --, make a few changes, and unmount; fsck must still load what the
+   unmount left, and find it clean if it was;
 3. ``fsck --repair``, then a second ``fsck``, which must be clean, and a mount
-   that reads everything again.
+   that reads everything again and makes the same changes, after which fsck
+   must still find it clean.
 
 While a mount is up every mapped extent is checked against the layout (inside
 the data area, not on the superblocks, the journal or the checkpoint, no block
@@ -21,8 +23,9 @@ Outcomes: ``refused`` (fsck and mount refuse it with a clean one-line error),
 `FsError` escaped fsck, mount, a read or unmount), ``hang`` (the image's worker
 overran its time), ``bad data`` (a read outside the file's extents, or a mount
 that accepted an extent it must not), ``repair failed`` (the repaired image
-does not mount or read, the second fsck still finds errors, or a mount left
-an image fsck can no longer load), ``fsck missed``
+does not mount or read, or the second fsck still finds errors), ``mount
+damaged`` (after a mount and a few changes -- `_Reader.use` -- fsck can no
+longer load the image, or finds errors in one it found clean), ``fsck missed``
 (fsck called the image clean, but mount refused it or a read failed).
 """
 
@@ -43,10 +46,17 @@ from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.format import JOURNAL_START
 from fusefs.fsck import EXIT_CLEAN, EXIT_CORRECTED, EXIT_OPERATIONAL, FsckResult, fsck
 from fusefs.namespace import ROOT_INO
-from tools.campaign.fuzzbase import POISON
+from tools.campaign.fuzzbase import POISON, pattern_block
 
 OK_OUTCOMES: Final = ("refused", "consistent", "repaired")
-FAILURES: Final = ("traceback", "hang", "bad data", "repair failed", "fsck missed")
+FAILURES: Final = (
+    "traceback",
+    "hang",
+    "bad data",
+    "repair failed",
+    "fsck missed",
+    "mount damaged",
+)
 OUTCOMES: Final = (*OK_OUTCOMES, *FAILURES)
 
 READ_CAP: Final = 4 << 20  # bytes of one file read from its start (the rest: its last block)
@@ -69,6 +79,7 @@ class MountReport:
 
     refused: str = ""  # the FsError that refused the mount
     errors: list[str] = field(default_factory=list)  # clean errors of reads
+    write_errors: list[str] = field(default_factory=list)  # clean errors of `_Reader.use`
     files: int = 0
     bytes_read: int = 0
     poison_blocks: int = 0  # free blocks (poisoned in the base) that a file maps now
@@ -126,6 +137,7 @@ class _Reader:
         self.bs = fs.block_size
         self.report = report
         self.visited: set[int] = set()
+        self.files: list[int] = []
 
     def check_layout(self) -> None:
         """Every extent the mount accepted lies in the data area, off the metadata,
@@ -222,6 +234,45 @@ class _Reader:
             await fs.release(fh)
         return digest.hexdigest()
 
+    async def use(self) -> None:
+        """A few changes, as a user's first minutes on the mount would make them:
+        a new file written and fsynced, appends and truncates of files found,
+        mkdir, rename, link, unlink, then a commit.  Errors are clean ones
+        (the image may be damaged); what the commits leave is judged by fsck."""
+        fs, bs = self.fs, self.bs
+        if fs.read_only:
+            return
+
+        async def step(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+            try:
+                return await fn(*args, **kw)
+            except FsError as e:
+                _one_line(what, str(e))
+                self.report.write_errors.append(f"{what}: {e}")
+                return None
+
+        made = await step("create", fs.create, ROOT_INO, b"fuzz-new", 0o644, os.O_RDWR, 0, 0)
+        if made is not None:
+            fh = made[0]
+            for lblk in range(3):
+                await step("write", fs.write, fh, lblk * bs, pattern_block("fuzz-new", lblk, bs))
+            await step("fsync", fs.fsync, fh, False)
+            await step("release", fs.release, fh)
+        for ino in self.files[:3]:
+            fh = await step("open", fs.open, ino, os.O_RDWR)
+            if fh is None:
+                continue
+            size = fs.ns.get(ino).size
+            await step("append", fs.write, fh, size, b"appended by the fuzzer")
+            await step("truncate", fs.setattr, ino, size=size // 2)
+            await step("release", fs.release, fh)
+        d = await step("mkdir", fs.mkdir, ROOT_INO, b"fuzz-dir", 0o755, 0, 0)
+        if made is not None and d is not None:
+            await step("rename", fs.rename, ROOT_INO, b"fuzz-new", d.ino, b"moved", 0)
+            await step("link", fs.link, made[1].ino, ROOT_INO, b"fuzz-link")
+            await step("unlink", fs.unlink, ROOT_INO, b"fuzz-link")
+        await step("sync", fs.sync)
+
     async def walk(self) -> None:
         stack: list[tuple[str, int]] = [("", ROOT_INO)]
         self.visited.add(ROOT_INO)
@@ -264,6 +315,7 @@ class _Reader:
                 digest += f" -> {(await fs.readlink(ino))!r}"
             elif inode.is_reg:
                 self.report.files += 1
+                self.files.append(ino)
                 digest += f" size {attr.size} data {await self.read_file(path, ino)}"
             self.report.tree[path] = digest
         except FsError as e:
@@ -284,6 +336,7 @@ async def _mount_and_read(path: Path, report: MountReport) -> None:
         reader.check_layout()
         await reader.walk()
         reader.check_layout()
+        await reader.use()
     except BaseException:
         fs.dev.close()
         raise
@@ -339,12 +392,19 @@ def _judge(copies: list[Path], verdict: Verdict, timeout: float) -> None:
     first = _fsck(check)
     verdict.fsck_exit = first.exit_code
     report = verdict.mount = mount_and_read(mount, timeout)
-    if not report.refused and first.exit_code != EXIT_OPERATIONAL:
-        # The mount ran recovery and committed at unmount: that must not have
-        # made the image one fsck can no longer load.
+    if not report.refused:
+        # The mount ran recovery, made a few changes and committed: that must
+        # not have made the image one fsck can no longer load, nor a clean one
+        # inconsistent.
         after = _fsck(mount)
-        if after.exit_code == EXIT_OPERATIONAL:
-            raise Failure("repair failed", f"the mount left it unloadable: {after.errors[:1]}")
+        if after.exit_code == EXIT_OPERATIONAL or (
+            first.exit_code == EXIT_CLEAN and after.exit_code != EXIT_CLEAN
+        ):
+            raise Failure(
+                "mount damaged",
+                f"fsck exit {first.exit_code} before the mount, {after.exit_code} after: "
+                + "; ".join(after.errors[:2]),
+            )
     if first.exit_code == EXIT_CLEAN:
         if report.refused:
             raise Failure("fsck missed", f"fsck found it clean; mount refused: {report.refused}")
@@ -371,6 +431,13 @@ def _judge(copies: list[Path], verdict: Verdict, timeout: float) -> None:
         raise Failure(
             "repair failed",
             f"the repaired image: {again.refused or again.errors[0]}",
+        )
+    used = _fsck(repair)
+    if used.exit_code != EXIT_CLEAN:
+        raise Failure(
+            "mount damaged",
+            f"the repaired image, used, then fsck exit {used.exit_code}: "
+            + "; ".join(used.errors[:2]),
         )
     if first.exit_code == EXIT_CLEAN and fixed.exit_code != EXIT_CORRECTED:
         verdict.outcome = "consistent"
