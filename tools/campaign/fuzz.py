@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from typing import Any, Final
 from tools.campaign.fuzzbase import BASE_NAMES, build_base
 from tools.campaign.fuzzcheck import FAILURES, OUTCOMES, Verdict, check_image
 from tools.campaign.fuzzdamage import KINDS, damage
+from tools.campaign.mount import StepTimeout
 
 KIND_NAMES: Final = tuple(KINDS)
 
@@ -110,7 +112,11 @@ class Worker:
     def run(
         self, base_path: str, kind: str, seed: int, want_tree: bool
     ) -> tuple[str, dict[str, Any], dict[str, str] | None]:
-        self.conn.send((base_path, kind, seed, want_tree))
+        try:
+            self.conn.send((base_path, kind, seed, want_tree))
+        except OSError as e:  # the worker died between two images
+            self.restart()
+            return "", {"outcome": "traceback", "detail": f"worker gone: {e}"}, None
         # Three mounts and three fscks, each under ``timeout``; the worker's own
         # watchdog (trio.fail_after) catches a stuck await, this a stuck loop.
         if self.conn.poll(4 * self.timeout + 30):
@@ -162,7 +168,15 @@ def fuse_tree(image: bytes, workdir: Path, timeout: float) -> tuple[str, dict[st
         seen: set[int] = set()
         while stack:
             d = stack.pop()
-            for entry in os.scandir(d):
+            try:
+                with os.scandir(d) as it:
+                    entries = list(it)
+            except OSError as e:
+                # The kernel refuses some names a damaged directory may hold
+                # ("a/b"): EIO for the whole readdir.
+                tree["/" + os.path.relpath(d, root)] = f"error {e.errno}"
+                continue
+            for entry in entries:
                 rel = "/" + os.path.relpath(entry.path, root)
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -308,7 +322,18 @@ def run_fuzz(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 result = Result(job, recipe, verdict)
                 if sample and result.outcome not in FAILURES:
-                    result.fuse = fuse_check(bases[job.base], job, tree, result, out, args.timeout)
+                    try:
+                        result.fuse = fuse_check(
+                            bases[job.base], job, tree, result, out, args.timeout
+                        )
+                    except StepTimeout as e:
+                        result.verdict.update(outcome="hang", detail=f"through the kernel: {e}")
+                    except Exception as e:
+                        result.verdict.update(
+                            outcome="traceback",
+                            detail=f"through the kernel: {type(e).__name__}: {e}",
+                            traceback=traceback.format_exc(),
+                        )
                     with lock:
                         fuse_mounts += 1
                 with lock:
