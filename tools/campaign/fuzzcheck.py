@@ -236,7 +236,8 @@ class _Reader:
 
     async def use(self) -> None:
         """A few changes, as a user's first minutes on the mount would make them:
-        a new file written and fsynced, appends and truncates of files found,
+        a new file written and fsynced, appends, fallocate (punch, zero,
+        collapse, insert) and truncates of files found,
         mkdir, rename, link, unlink, then a commit.  Errors are clean ones
         (the image may be damaged); what the commits leave is judged by fsck."""
         fs, bs = self.fs, self.bs
@@ -264,6 +265,11 @@ class _Reader:
                 continue
             size = fs.ns.get(ino).size
             await step("append", fs.write, fh, size, b"appended by the fuzzer")
+            blocks = fs.ns.get(ino).size // bs
+            if blocks >= 4:
+                # fallocate(2): punch a hole, zero a range, collapse, insert.
+                for mode in (0x03, 0x10, 0x08, 0x20):
+                    await step("fallocate", fs.fallocate, ino, mode, bs, bs)
             await step("truncate", fs.setattr, ino, size=size // 2)
             await step("release", fs.release, fh)
         d = await step("mkdir", fs.mkdir, ROOT_INO, b"fuzz-dir", 0o755, 0, 0)
