@@ -250,7 +250,23 @@ def _replay(dev: BlockDevice, sb: Superblock, inodes: dict[int, Inode]) -> tuple
         used += head.blocks
         seq += 1
         entries += 1
+    if used < ring:
+        _refuse_later_entries(dev, sb, pos, ring - used, seq)
     return JournalState(used, seq, entries, torn), next_ino
+
+
+def _refuse_later_entries(dev: BlockDevice, sb: Superblock, pos: int, count: int, seq: int) -> None:
+    """Replay stopped at ``seq``: raise Corrupt if a valid entry numbered after
+    it lies in the rest of the ring.  Entries are written one after the other,
+    each flushed before the next, so one can only follow a missing entry when
+    that entry was destroyed -- and the next commit, written where replay
+    stopped, would make the stale ones after it replayable."""
+    raw = _entry_blocks(dev, sb, pos, count)
+    bs, seed = sb.block_size, sb.seed
+    for i in range(count):
+        head = JournalEntryHeader.unpack(memoryview(raw)[i * bs : (i + 1) * bs], seed)
+        if head is not None and seq < head.seq < seq + sb.journal_blocks:
+            raise Corrupt(f"journal entry {seq} is damaged or missing and entry {head.seq} follows")
 
 
 def _batches(source: Source, inos: list[int]) -> Iterator[list[int]]:

@@ -43,6 +43,7 @@ from fusefs.alloc import Allocator, Run
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, load_checkpoint
 from fusefs.errors import (
+    Corrupt,
     FsError,
     InvalidArgument,
     IOFailure,
@@ -52,12 +53,12 @@ from fusefs.errors import (
 from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.faults import REGISTRY, dynamic_fault, race_fault
 from fusefs.format import normalize_runs, parse_size, probe_block_size
-from fusefs.inode import Inode, now_ns
+from fusefs.inode import INO_LIMIT, Inode, now_ns
 from fusefs.io import buffered, direct
 from fusefs.io.readahead import ReadaheadState
 from fusefs.io.truncate import truncate as truncate_inode
 from fusefs.io.writeback import flusher, wait_writeback, write_and_drop, writeback_range
-from fusefs.namespace import NAME_MAX, Namespace, Unlinked
+from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace, Unlinked
 from fusefs.pagecache import DEFAULT_CACHE_SIZE, MIN_CACHE_SIZE, PageCache
 from fusefs.reclaim import Reclaimer
 
@@ -256,13 +257,25 @@ class Filesystem:
                 "y" if loaded.journal.entries == 1 else "ies",
                 "; dropped a torn entry at its end" if loaded.journal.torn else "",
             )
-        return cls(dev, alloc, Namespace(loaded.inodes, loaded.next_ino), committer, options)
+        # A next inode number at or below one in use (fsck reports it) would
+        # hand that number out again; one past the limit, numbers no load takes.
+        next_ino = max(loaded.next_ino, max(loaded.inodes) + 1)
+        if next_ino >= INO_LIMIT:
+            raise Corrupt(f"next inode number {next_ino} out of range (run fusefs fsck --repair)")
+        return cls(dev, alloc, Namespace(loaded.inodes, next_ino), committer, options)
 
     async def _recover(self) -> None:
         """Reclaim orphans left by a daemon that died with unlinked files open."""
         if dynamic_fault("mount_recover", cls="error:mount"):
             raise IOFailure("mount: injected error during recovery")
         orphans = [i for i in self.ns.inodes.values() if i.nlink == 0]
+        if orphans:
+            # A link count of 0 on an inode that a name still reaches is a wrong
+            # count (fsck fixes it), not an orphan: reclaiming it would leave the
+            # names dangling -- or, for the root, no filesystem.
+            named = {ino for d in self.ns.inodes.values() for ino in (d.entries or {}).values()}
+            named.add(ROOT_INO)
+            orphans = [i for i in orphans if i.ino not in named]
         for inode in orphans:
             self.ns.remove(inode)
             await self._free_blocks(inode)

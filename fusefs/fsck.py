@@ -13,9 +13,11 @@ Checks, in order:
    the data area, no block is mapped twice (by two files, or by a file and the
    metadata: journal and checkpoint) -- block usage is not stored, it is
    rebuilt from the mappings at mount, so this is what keeps it right;
-4. every directory entry names an existing inode, link counts equal the number
-   of entries naming the inode (directories: 2 + subdirectories), each
-   directory's parent pointer matches the directory holding it;
+4. every directory entry names an existing inode other than the root, by a
+   valid name; every directory has one name (no hard links, no loops); link
+   counts equal the number of entries naming the inode (directories: 2 +
+   subdirectories), each directory's parent pointer matches the directory
+   holding it; no file is larger than the largest a file can be;
 5. every inode with links is reachable from the root; inodes without links are
    orphans of files unlinked while open (reclaimed at mount or by --repair).
 
@@ -23,8 +25,9 @@ Exit codes as e2fsck: 0 clean, 1 errors corrected, 4 errors left uncorrected,
 8 operational error (unreadable image, corrupt superblock or checkpoint).
 `FsckResult` keeps the errors (what the command line prints on stderr) apart
 from the report (notes and the summary line, on stdout).
-Repair fixes counts, drops dangling entries and double mappings (the later
-owner loses the blocks), reconnects unreachable inodes under ``/lost+found``,
+Repair fixes counts, drops dangling entries, bad names, extra names of a
+directory and double mappings (the later owner loses the blocks), cuts sizes
+back to the mapped blocks, reconnects unreachable inodes under ``/lost+found``,
 reclaims orphans, and writes the result as a new checkpoint with a normal
 atomic commit.
 """
@@ -43,9 +46,10 @@ from fusefs.blockdev import BlockDevice
 from fusefs.commit import Committer, Loaded, load_checkpoint
 from fusefs.dirents import Directory
 from fusefs.errors import FsError
+from fusefs.extents import MAX_FILE_BLOCKS
 from fusefs.format import SUPERBLOCK_BLOCKS, Superblock, normalize_runs, probe_block_size
-from fusefs.inode import Inode, now_ns
-from fusefs.namespace import ROOT_INO, Namespace
+from fusefs.inode import INO_LIMIT, Inode, now_ns
+from fusefs.namespace import NAME_MAX, ROOT_INO, Namespace
 
 EXIT_CLEAN = 0
 EXIT_CORRECTED = 1
@@ -108,10 +112,13 @@ def fsck(path: str | os.PathLike[str], repair: bool = False) -> FsckResult:
         check = _Check(repair)
         damaged = _check_superblocks(dev, loaded, check)
         _note_journal(loaded, check)
+        next_ino = loaded.next_ino
         inodes = _check_inodes(loaded, check)
         if inodes is None:
             return check.result(EXIT_UNCORRECTED)
-        changed = _check_blocks(loaded, inodes, check)
+        changed = loaded.next_ino != next_ino
+        changed |= _check_sizes(inodes, dev.block_size, check)
+        changed |= _check_blocks(loaded, inodes, check)
         changed |= _check_tree(inodes, check)
         if repair:
             try:
@@ -202,7 +209,27 @@ def _check_inodes(loaded: Loaded, check: _Check) -> dict[int, Inode] | None:
     if inodes and loaded.next_ino <= max(inodes):
         check.error(f"next inode number {loaded.next_ino} not above the largest in use")
         loaded.next_ino = max(inodes) + 1
+    elif loaded.next_ino >= INO_LIMIT:
+        check.error(f"next inode number {loaded.next_ino} out of range")
+        loaded.next_ino = max(inodes) + 1
     return inodes
+
+
+def _check_sizes(inodes: dict[int, Inode], block_size: int, check: _Check) -> bool:
+    """No file larger than the largest a file can be (reads past it fail)."""
+    changed = False
+    limit = MAX_FILE_BLOCKS * block_size
+    for inode in inodes.values():
+        if inode.size <= limit:
+            continue
+        check.error(f"inode {inode.ino}: size {inode.size} past the largest file, {limit}")
+        if check.repair:
+            end = 0
+            if inode.extents is not None:
+                end = max((e.end for e in inode.extents.extents()), default=0)
+            inode.size = end * block_size
+            changed = True
+    return changed
 
 
 def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bool:
@@ -244,75 +271,151 @@ def _check_blocks(loaded: Loaded, inodes: dict[int, Inode], check: _Check) -> bo
 
 
 def _check_tree(inodes: dict[int, Inode], check: _Check) -> bool:
-    changed = False
+    """Entries, names of directories, reachability, link counts, parents.
+
+    Repairs go in an order where each leaves nothing for a later check to
+    undo: entries that can't stand (dangling, a bad name, naming the root) go
+    first; then each directory keeps one name (a directory tree has no hard
+    links; the name in the directory its parent pointer names wins); then what
+    is not reachable from the root goes to ``/lost+found`` -- a directory losing
+    first any name left in an unreachable loop; the counts are taken last, from
+    the tree as it is then.
+    """
+    changed = _check_entries(inodes, check)
+    changed |= _check_dir_names(inodes, check)
+    changed |= _check_reachable(inodes, check)
     refs: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
-    parent_of: dict[int, int] = {}
-    for d in list(inodes.values()):
-        if d.entries is None:
-            continue
-        for name, ino in list(d.entries.items()):
-            child = inodes.get(ino)
-            if child is None:
-                check.error(f"directory {d.ino}: entry {name!r} names missing inode {ino}")
-                if check.repair:
-                    del d.entries[name]
-                    changed = True
-                continue
-            refs[ino] += 1
-            if child.is_dir:
-                subdirs[d.ino] += 1
-                if ino in parent_of:
-                    check.error(f"directory {ino} has more than one name", fixable=False)
-                parent_of[ino] = d.ino
-    # reachability from the root
-    reachable = {ROOT_INO}
-    stack = [ROOT_INO]
-    while stack:
-        d = inodes[stack.pop()]
+    parent_of: dict[int, int] = {ROOT_INO: ROOT_INO}
+    for d in inodes.values():
         for ino in (d.entries or {}).values():
+            if ino not in inodes:
+                continue  # reported (check only: not repaired)
+            refs[ino] += 1
+            if inodes[ino].is_dir:
+                subdirs[d.ino] += 1
+                parent_of[ino] = d.ino
+    for inode in inodes.values():
+        if _is_orphan(inode, refs):
+            continue
+        want = 2 + subdirs[inode.ino] if inode.is_dir else refs[inode.ino]
+        if inode.nlink != want:
+            check.error(f"inode {inode.ino}: link count {inode.nlink}, should be {want}")
+            if check.repair:
+                inode.nlink = want
+                changed = True
+        parent = parent_of.get(inode.ino)
+        if inode.is_dir and parent is not None and inode.parent != parent:
+            check.error(f"directory {inode.ino}: parent {inode.parent}, should be {parent}")
+            if check.repair:
+                inode.parent = parent
+                changed = True
+    return changed
+
+
+def _is_orphan(inode: Inode, refs: Counter[int]) -> bool:
+    """A file unlinked while open: no links, no names (a directory with entries
+    is not one: it was never removed)."""
+    return inode.nlink == 0 and refs[inode.ino] == 0 and not (inode.is_dir and inode.entries)
+
+
+def _bad_name(name: bytes) -> bool:
+    return not name or len(name) > NAME_MAX or b"/" in name or name in (b".", b"..")
+
+
+def _check_entries(inodes: dict[int, Inode], check: _Check) -> bool:
+    changed = False
+    for d in list(inodes.values()):
+        for name, ino in list((d.entries or {}).items()):
+            if ino not in inodes:
+                problem = f"names missing inode {ino}"
+            elif _bad_name(name):
+                problem = f"is not a valid name (inode {ino})"
+            elif ino == ROOT_INO:
+                problem = "names the root directory"
+            else:
+                continue
+            check.error(f"directory {d.ino}: entry {name!r} {problem}")
+            if check.repair:
+                assert d.entries is not None
+                del d.entries[name]
+                changed = True
+    return changed
+
+
+def _check_dir_names(inodes: dict[int, Inode], check: _Check) -> bool:
+    names: dict[int, list[tuple[int, bytes]]] = {}
+    for d in inodes.values():
+        for name, ino in (d.entries or {}).items():
+            if ino in inodes and inodes[ino].is_dir:
+                names.setdefault(ino, []).append((d.ino, name))
+    changed = False
+    for ino, where in sorted(names.items()):
+        if len(where) < 2:
+            continue
+        check.error(f"directory {ino} has {len(where)} names")
+        if check.repair:
+            parent = inodes[ino].parent
+            keep = next((w for w in where if w[0] == parent), where[0])
+            for dir_ino, name in where:
+                if (dir_ino, name) != keep:
+                    entries = inodes[dir_ino].entries
+                    assert entries is not None
+                    del entries[name]
+            changed = True
+    return changed
+
+
+def _reach(inodes: dict[int, Inode], start: int, reachable: set[int]) -> None:
+    """Add what ``start`` (reachable) leads to."""
+    stack = [start]
+    while stack:
+        for ino in (inodes[stack.pop()].entries or {}).values():
             if ino in inodes and ino not in reachable:
                 reachable.add(ino)
                 if inodes[ino].is_dir:
                     stack.append(ino)
+
+
+def _check_reachable(inodes: dict[int, Inode], check: _Check) -> bool:
+    reachable = {ROOT_INO}
+    _reach(inodes, ROOT_INO, reachable)
+    refs: Counter[int] = Counter()
+    for d in inodes.values():
+        refs.update((d.entries or {}).values())
+    changed = False
     lost_found: Inode | None = None
-    for inode in sorted(inodes.values(), key=lambda i: i.ino):
+    # Directories first: reconnecting one brings its subtree back with it.
+    unreachable = sorted(
+        (i for i in inodes.values() if i.ino not in reachable), key=lambda i: (not i.is_dir, i.ino)
+    )
+    for inode in unreachable:
         if inode.ino in reachable:
             continue
-        if inode.nlink == 0 and refs[inode.ino] == 0:
+        if _is_orphan(inode, refs):
             check.note(f"inode {inode.ino}: orphan (unlinked while open); reclaimed at mount")
             if check.repair:
                 del inodes[inode.ino]
                 changed = True
             continue
         check.error(f"inode {inode.ino} is not reachable from the root")
-        if check.repair:
-            if lost_found is None:
-                lost_found = _lost_and_found(inodes)
-            assert lost_found.entries is not None
-            lost_found.entries[f"#{inode.ino}".encode()] = inode.ino
-            refs[inode.ino] += 1
-            if inode.is_dir:
-                inode.parent = lost_found.ino
-                subdirs[lost_found.ino] += 1
-                parent_of[inode.ino] = lost_found.ino
-            changed = True
-    for inode in inodes.values():
-        want = 2 + subdirs[inode.ino] if inode.is_dir else refs[inode.ino]
-        if inode.ino not in reachable and inode.nlink == 0 and refs[inode.ino] == 0:
+        if not check.repair:
             continue
-        if inode.nlink != want:
-            check.error(f"inode {inode.ino}: link count {inode.nlink}, should be {want}")
-            if check.repair:
-                inode.nlink = want
-                changed = True
-        if inode.is_dir and inode.ino != ROOT_INO:
-            parent = parent_of.get(inode.ino)
-            if parent is not None and inode.parent != parent:
-                check.error(f"directory {inode.ino}: parent {inode.parent}, should be {parent}")
-                if check.repair:
-                    inode.parent = parent
-                    changed = True
+        if lost_found is None:
+            lost_found = _lost_and_found(inodes)
+            reachable.add(lost_found.ino)
+        assert lost_found.entries is not None
+        if inode.is_dir:
+            # Its other names are in unreachable directories (a loop): drop them.
+            for d in inodes.values():
+                for name in [n for n, i in (d.entries or {}).items() if i == inode.ino]:
+                    assert d.entries is not None
+                    del d.entries[name]
+        lost_found.entries[f"#{inode.ino}".encode()] = inode.ino
+        reachable.add(inode.ino)
+        if inode.is_dir:
+            _reach(inodes, inode.ino, reachable)
+        changed = True
     return changed
 
 
@@ -322,6 +425,9 @@ def _lost_and_found(inodes: dict[int, Inode]) -> Inode:
     ino = root.entries.get(b"lost+found")
     if ino is not None and inodes[ino].is_dir:
         return inodes[ino]
+    name = b"lost+found"
+    while name in root.entries:
+        name += b"~"
     new_ino = max(inodes) + 1
     t = now_ns()
     lf = Inode(
@@ -337,8 +443,7 @@ def _lost_and_found(inodes: dict[int, Inode]) -> Inode:
         parent=ROOT_INO,
     )
     inodes[new_ino] = lf
-    root.entries[b"lost+found"] = new_ino
-    root.nlink += 1
+    root.entries[name] = new_ino
     return lf
 
 

@@ -46,6 +46,9 @@ def name_from_json(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+#: Inode numbers are below this (what a loaded record may hold).
+INO_LIMIT: Final = 1 << 63
+
 #: The attributes a checkpoint or journal record holds (entries and extents aside).
 STORED: Final = frozenset(
     {
@@ -179,33 +182,36 @@ class Inode:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Inode:
         """The inode of a checkpoint or journal record (untracked: the namespace
-        adopts it).  Built without `__setattr__`, which mount pays per field."""
+        adopts it).  Built without `__setattr__`, which mount pays per field.
+
+        Raises ValueError, TypeError, KeyError or AttributeError when the record
+        is not one that fusefs writes: a field of the wrong type or out of its
+        range, an unknown file type, an xattr no setxattr could have made (the
+        loader turns them into `Corrupt`)."""
         inode = cls.__new__(cls)
         put = object.__setattr__
-        mode = int(rec["mode"])
-        put(inode, "ino", int(rec["ino"]))
+        mode = _field(rec, "mode", 0, 1 << 32)
+        if stat.S_IFMT(mode) not in _FILE_TYPES:
+            raise ValueError(f"mode {mode:o}: unknown file type")
+        put(inode, "ino", _field(rec, "ino", 1, INO_LIMIT))
         put(inode, "mode", mode)
-        put(inode, "uid", int(rec["uid"]))
-        put(inode, "gid", int(rec["gid"]))
-        put(inode, "nlink", int(rec["nlink"]))
-        put(inode, "size", int(rec["size"]))
-        put(inode, "atime_ns", int(rec["atime"]))
-        put(inode, "mtime_ns", int(rec["mtime"]))
-        put(inode, "ctime_ns", int(rec["ctime"]))
-        put(inode, "rdev", int(rec.get("rdev", 0)))
-        put(inode, "generation", int(rec.get("gen", 0)))
+        put(inode, "uid", _field(rec, "uid", 0, 1 << 32))
+        put(inode, "gid", _field(rec, "gid", 0, 1 << 32))
+        put(inode, "nlink", _field(rec, "nlink", 0, 1 << 32))
+        put(inode, "size", _field(rec, "size", 0, 1 << 63))
+        put(inode, "atime_ns", _field(rec, "atime", -(1 << 63), 1 << 63))
+        put(inode, "mtime_ns", _field(rec, "mtime", -(1 << 63), 1 << 63))
+        put(inode, "ctime_ns", _field(rec, "ctime", -(1 << 63), 1 << 63))
+        put(inode, "rdev", _field(rec, "rdev", 0, 1 << 64, 0))
+        put(inode, "generation", _field(rec, "gen", 0, 1 << 64, 0))
         xattrs = rec.get("xattrs")
-        put(
-            inode,
-            "xattrs",
-            {name_from_json(k): bytes.fromhex(v) for k, v in xattrs.items()} if xattrs else {},
-        )
+        put(inode, "xattrs", _xattrs(xattrs) if xattrs else {})
         entries = None
         parent = 0
         target = b""
         extents = None
         if stat.S_ISDIR(mode):
-            parent = int(rec.get("parent", 0))
+            parent = _field(rec, "parent", 0, 1 << 63, 0)
             entries = Directory(
                 (name_from_json(k), int(v)) for k, v in rec.get("entries", {}).items()
             )
@@ -223,3 +229,36 @@ class Inode:
         put(inode, "_lock", None)
         put(inode, "track", None)
         return inode
+
+
+#: The file types fusefs makes (mknod makes the device, fifo and socket nodes).
+_FILE_TYPES: Final = frozenset(
+    {
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+    }
+)
+#: What setxattr accepts (`fusefs.namespace`): names of 1..255 bytes, values to 64 KiB.
+_XATTR_NAME_MAX: Final = 255
+_XATTR_SIZE_MAX: Final = 65536
+
+
+def _field(rec: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    """``rec[key]``, an int in [lo, hi) (``default`` when it may be absent)."""
+    value = rec[key] if default is None else rec.get(key, default)
+    if type(value) is not int or not lo <= value < hi:
+        raise ValueError(f"{key} {value!r} out of range")
+    return value
+
+
+def _xattrs(stored: dict[str, str]) -> dict[bytes, bytes]:
+    out = {name_from_json(k): bytes.fromhex(v) for k, v in stored.items()}
+    for name, value in out.items():
+        if not 0 < len(name) <= _XATTR_NAME_MAX or len(value) > _XATTR_SIZE_MAX:
+            raise ValueError(f"xattr {name[:40]!r}: name or value out of range")
+    return out

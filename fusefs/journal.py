@@ -166,7 +166,8 @@ def apply(payload: Any, inodes: dict[int, Inode], what: str) -> int:
         for ino in payload["deleted"]:
             inodes.pop(int(ino), None)
         return int(payload["next_ino"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        # AttributeError: a string method called on a decoded non-string (a name).
         raise Corrupt(f"{what}: bad record ({type(e).__name__}: {e})") from None
 
 

@@ -53,6 +53,7 @@ from typing import Any, Final
 from rich.console import Console
 
 from fusefs.demo import demo_console
+from tools.campaign import fuzz
 from tools.campaign.merge import compare_main, merge_main
 from tools.campaign.mount import Image, SiteInfo, kill_all, parse_listing
 from tools.campaign.plan import (
@@ -545,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repeatable",
     )
     add_pressure_arguments(run)
+    fuzz.add_arguments(p)
     pc = p.add_argument_group("power cuts")
     pc.add_argument(
         "--power-cut",
@@ -674,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if raw[:1] == ["compare"]:
         return compare_main(raw[1:])
     args = parse_args(raw[1:], write_plan=True) if raw[:1] == ["plan"] else parse_args(raw)
+    if args.fuzz_image or args.fuzz_replay:
+        return fuzz.main(args)
     console = demo_console(sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
