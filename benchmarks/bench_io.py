@@ -294,17 +294,6 @@ def fusefs_mounted(
     mountpoint = work / "mnt-fusefs"
     mountpoint.mkdir()
     _run_command([*cli, "mkfs", str(image), "--size", IMAGE_SIZE], "fusefs mkfs", 120)
-    with image_mounted(cli, image, mountpoint, options, errors) as target:
-        yield target
-
-
-@contextmanager
-def image_mounted(
-    cli: Sequence[str], image: Path, mountpoint: Path, options: str, errors: list[str]
-) -> Iterator[Target]:
-    """An existing image mounted through the CLI on an existing, empty `mountpoint`
-    (``fusefs mount`` returns once the mount is ready); ``fusefs umount`` after, a
-    lazy unmount if that fails (its error goes to `errors`)."""
     mount = [*cli, "mount", str(image), str(mountpoint)]
     if options:
         mount += ["-o", options]
