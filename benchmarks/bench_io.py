@@ -303,13 +303,19 @@ def fusefs_mounted(
             raise BenchError(f"fusefs mount returned, but {mountpoint} is not a mount point")
         yield Target("fusefs", mountpoint)
     finally:
+        fusefs_umount(cli, image, mountpoint, errors)
+
+
+def fusefs_umount(cli: Sequence[str], image: Path, mountpoint: Path, errors: list[str]) -> None:
+    """``fusefs umount`` if `mountpoint` is mounted, lazily if that fails (the error
+    goes to `errors`)."""
+    if os.path.ismount(mountpoint):
+        try:
+            _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
+        except BenchError as e:
+            errors.append(f"{e} (daemon log: {image}.log)")
         if os.path.ismount(mountpoint):
-            try:
-                _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
-            except BenchError as e:
-                errors.append(f"{e} (daemon log: {image}.log)")
-            if os.path.ismount(mountpoint):
-                _lazy_unmount(mountpoint)
+            _lazy_unmount(mountpoint)
 
 
 def _read_line(fd: int, deadline: float) -> str | None:

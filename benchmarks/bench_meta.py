@@ -64,15 +64,13 @@ from typing import Any, Final
 from benchmarks.bench_io import (
     CONTROL_DROP_CACHES,
     ROOT,
-    UMOUNT_TIMEOUT,
     BenchError,
     Target,
-    _lazy_unmount,
     _on_sigterm,
     _read_line,
-    _run_command,
     create_stat_unlink,
     fusefs_mounted,
+    fusefs_umount,
     nullfs_mounted,
     ratio,
 )
@@ -553,13 +551,7 @@ def daemon_mounted(
         yield elapsed
     finally:
         os.close(read_fd)
-        if os.path.ismount(mountpoint):
-            try:
-                _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
-            except BenchError as e:
-                errors.append(f"{e} (daemon log: {image}.log)")
-            if os.path.ismount(mountpoint):
-                _lazy_unmount(mountpoint)
+        fusefs_umount(cli, image, mountpoint, errors)
         if proc.poll() is None:
             proc.terminate()
         proc.wait()
