@@ -722,13 +722,10 @@ def run(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, files=args.files or plan.files, big=args.big or plan.big)
     cli = [sys.executable, "-m", "fusefs.cli"]
     bench = Run(plan, _progress)
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="fusefs-bench-meta-", dir=args.dir)).resolve()
     started = time.perf_counter()
-    with ExitStack() as stack:
-        if args.keep:
-            bench.notes.append(f"kept {work} (images, logs, mount points)")
-        else:
-            stack.callback(shutil.rmtree, work, ignore_errors=True)  # after the unmounts
+    try:
         with ExitStack() as mounts:
             _progress("mounting fusefs, nullfs; plain directory")
             targets = {
@@ -745,6 +742,20 @@ def run(args: argparse.Namespace) -> int:
                 with bench.step(f"mount and fsck, {files:,} files"):
                     result = scale(cli, work, files, args.fusefs_options, bench.errors)
                     bench.put(result, "scale", str(files))
+        report(bench, args, load_before, time.perf_counter() - started)
+    finally:
+        if args.keep:
+            print(f"bench_meta: kept {work} (images, logs, mount points)", file=sys.stderr)
+        else:
+            # After the report: with a discarding host filesystem, removing the
+            # plain directory's files takes minutes.
+            _progress(f"removing {work}")
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if bench.errors else 0
+
+
+def report(bench: Run, args: argparse.Namespace, load_before: float, seconds: float) -> None:
+    plan = bench.plan
     bench.notes += [
         f"fusefs mounted with -o {args.fusefs_options}; RSS read after "
         f"{CONTROL_DROP_CACHES}, so it is metadata, not cached pages",
@@ -755,12 +766,15 @@ def run(args: argparse.Namespace) -> int:
         "directory, 1 TiB sparse, built in-process",
         f"fsync: {FSYNC_WARMUP} uncounted rounds first, a host sync(2) after populating; "
         f"listdir: best of {LISTDIR_ROUNDS}",
+        f"load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        f"the end, on {os.cpu_count()} cores",
     ]
     result = summarize(
         bench.raw,
         quick=args.quick,
         fusefs_options=args.fusefs_options,
-        seconds=round(time.perf_counter() - started, 1),
+        seconds=round(seconds, 1),
+        loadavg_1min={"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         notes=bench.notes,
         errors=bench.errors,
     )
@@ -770,7 +784,6 @@ def run(args: argparse.Namespace) -> int:
     for note in [*bench.notes, *(f"ERROR: {e}" for e in bench.errors)]:
         print(f"note: {note}")
     print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
-    return 1 if bench.errors else 0
 
 
 if __name__ == "__main__":
