@@ -4,12 +4,14 @@ targets, the table.  No timing, no mount."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.bench_meta import (
     format_table,
+    fsync_rounds,
     latency,
     parse_vmrss,
     percentile,
@@ -126,3 +128,11 @@ def test_table_shows_every_figure_and_marks_missed_targets() -> None:
     assert lines[0].startswith("figure")
     assert set(lines[1]) <= {"-", " "}
     assert len(lines) == len(rows) + 2
+
+
+def test_fsync_rounds_takes_every_file_in_turn(tmp_path: Path) -> None:
+    files = {("fusefs", "empty"): tmp_path / "a", ("fusefs", "populated"): tmp_path / "b"}
+    samples = fsync_rounds(files, samples=3, rounds=2)
+    assert list(samples) == list(files)
+    assert all(len(values) == 4 for values in samples.values())  # 2 a round, rounded up
+    assert all(v > 0 for values in samples.values() for v in values)
