@@ -16,7 +16,7 @@ What is measured, and the targets of issue 13:
   samples, with ``--files`` small files present ÷ on an empty fusefs mounted beside
   it, the two measured in turns (target: median ≤ 2);
 - listdir: ``os.listdir`` of a 20,000-entry directory ÷ of a 10,000-entry one, best
-  of 5 each (target ≤ 2.5: linear);
+  of 5 each, the two in turns (target ≤ 2.5: linear);
 - RSS per file: the daemon's VmRSS after populating minus before, ÷ files, each
   read after ``.fusefs/drop_caches`` on top of the small cache (target ≤ 1 KiB);
 - create, stat, unlink: files/s over a new directory of empty files, on the empty
@@ -447,17 +447,19 @@ def mixed(root: Path, procs: int, loops: int) -> dict[str, float]:
     return {"loops": total, "seconds": round(wall, 3), "loops_per_s": round(total / wall, 1)}
 
 
-def listdir_seconds(directory: Path) -> float:
-    """Best of `LISTDIR_ROUNDS` ``os.listdir`` of `directory`."""
-    best = float("inf")
-    expected = None
-    for _ in range(LISTDIR_ROUNDS):
-        t0 = time.perf_counter()
-        names = os.listdir(directory)
-        best = min(best, time.perf_counter() - t0)
-        if expected is not None and len(names) != expected:
-            raise OSError(f"{directory}: {len(names)} entries, then {expected}")
-        expected = len(names)
+def listdir_best(directories: Sequence[Path], rounds: int) -> list[float]:
+    """Best of `rounds` ``os.listdir`` of each directory, taking them in turns (as
+    `fsync_rounds`, so that the machine's load lands on each alike)."""
+    best = [float("inf")] * len(directories)
+    counts: list[int | None] = [None] * len(directories)
+    for _ in range(rounds):
+        for i, directory in enumerate(directories):
+            t0 = time.perf_counter()
+            n = len(os.listdir(directory))
+            best[i] = min(best[i], time.perf_counter() - t0)
+            if counts[i] not in (None, n):
+                raise OSError(f"{directory}: {counts[i]} entries, then {n}")
+            counts[i] = n
     return best
 
 
@@ -682,12 +684,15 @@ class Run:
             with self.step(f"mixed, {plan.mixed_procs} processes, {name}"):
                 result = mixed(targets[name].root, plan.mixed_procs, plan.mixed_loops)
                 self.put(result, "mixed", name)
+        counts = (plan.listdir_small, plan.listdir_large)
         for name in ("fusefs", "nullfs", "plain"):
-            for key, count in (("small_s", plan.listdir_small), ("large_s", plan.listdir_large)):
-                with self.step(f"listdir {count:,} entries, {name}"):
-                    directory = targets[name].path(f"list{count}")
+            with self.step(f"listdir {counts[0]:,} and {counts[1]:,} entries, {name}"):
+                directories = [targets[name].path(f"list{count}") for count in counts]
+                for directory, count in zip(directories, counts, strict=True):
                     make_entries(directory, count)
-                    self.put(round(listdir_seconds(directory), 4), "listdir", name, key)
+                small, large = listdir_best(directories, LISTDIR_ROUNDS)
+                self.put(round(small, 4), "listdir", name, "small_s")
+                self.put(round(large, 4), "listdir", name, "large_s")
 
 
 def _progress(message: str) -> None:
@@ -796,7 +801,7 @@ def report(bench: Run, args: argparse.Namespace, load_before: float, seconds: fl
         f"fsync: a host sync(2) after populating, then the populated target and an empty "
         f"twin (a second fusefs mount, a second plain directory) in {FSYNC_ROUNDS} turns "
         f"of {-(-plan.fsync_samples // FSYNC_ROUNDS)} samples, {FSYNC_WARMUP} uncounted "
-        f"first each; listdir: best of {LISTDIR_ROUNDS}",
+        f"first each; listdir: best of {LISTDIR_ROUNDS}, the two directories in turns",
         f"load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
         f"the end, on {os.cpu_count()} cores",
     ]

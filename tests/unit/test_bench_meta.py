@@ -13,6 +13,7 @@ from benchmarks.bench_meta import (
     format_table,
     fsync_rounds,
     latency,
+    listdir_best,
     parse_vmrss,
     percentile,
     replayed_entries,
@@ -136,3 +137,14 @@ def test_fsync_rounds_takes_every_file_in_turn(tmp_path: Path) -> None:
     assert list(samples) == list(files)
     assert all(len(values) == 4 for values in samples.values())  # 2 a round, rounded up
     assert all(v > 0 for values in samples.values() for v in values)
+
+
+def test_listdir_best_times_each_directory(tmp_path: Path) -> None:
+    directories = [tmp_path / "small", tmp_path / "large"]
+    for directory, count in zip(directories, (2, 5), strict=True):
+        directory.mkdir()
+        for i in range(count):
+            (directory / str(i)).touch()
+    best = listdir_best(directories, rounds=3)
+    assert len(best) == 2
+    assert all(0 < seconds < float("inf") for seconds in best)
