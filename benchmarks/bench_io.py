@@ -311,13 +311,19 @@ def fusefs_mounted(
             raise BenchError(f"fusefs mount returned, but {mountpoint} is not a mount point")
         yield Target("fusefs", mountpoint)
     finally:
+        fusefs_umount(cli, image, mountpoint, errors)
+
+
+def fusefs_umount(cli: Sequence[str], image: Path, mountpoint: Path, errors: list[str]) -> None:
+    """``fusefs umount`` if `mountpoint` is mounted, lazily if that fails (the error
+    goes to `errors`)."""
+    if os.path.ismount(mountpoint):
+        try:
+            _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
+        except BenchError as e:
+            errors.append(f"{e} (daemon log: {image}.log)")
         if os.path.ismount(mountpoint):
-            try:
-                _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
-            except BenchError as e:
-                errors.append(f"{e} (daemon log: {image}.log)")
-            if os.path.ismount(mountpoint):
-                _lazy_unmount(mountpoint)
+            _lazy_unmount(mountpoint)
 
 
 def _read_line(fd: int, deadline: float) -> str | None:
@@ -600,27 +606,33 @@ class Bench:
 
     def meta_10k(self, target: Target, outcome: Outcome) -> float:
         """Create, then stat, then unlink `meta_files` empty files in a new directory."""
-        directory = target.path("meta")
-        directory.mkdir()
-        paths = [str(directory / f"f{i}") for i in range(self.plan.meta_files)]
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
-        t0 = time.perf_counter()
-        for path in paths:
-            os.close(os.open(path, flags, 0o644))
-        t1 = time.perf_counter()
-        for path in paths:
-            os.stat(path)
-        t2 = time.perf_counter()
-        for path in paths:
-            os.unlink(path)
-        t3 = time.perf_counter()
-        directory.rmdir()
-        n = len(paths)
-        phases = {"create": n / (t1 - t0), "stat": n / (t2 - t1), "unlink": n / (t3 - t2)}
+        n = self.plan.meta_files
+        seconds = create_stat_unlink(target.path("meta"), n)
+        phases = {phase: n / s for phase, s in seconds.items()}
         per_target = outcome.details.setdefault("phases_per_s", {})
         per_target.setdefault(target.name, []).append({k: round(v) for k, v in phases.items()})
         outcome.details["files"] = n
-        return n / (t3 - t0)
+        return n / sum(seconds.values())
+
+
+def create_stat_unlink(directory: Path, files: int) -> dict[str, float]:
+    """Seconds to create, then stat, then unlink `files` empty files in a new
+    `directory` (removed after)."""
+    directory.mkdir()
+    paths = [str(directory / f"f{i}") for i in range(files)]
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+    t0 = time.perf_counter()
+    for path in paths:
+        os.close(os.open(path, flags, 0o644))
+    t1 = time.perf_counter()
+    for path in paths:
+        os.stat(path)
+    t2 = time.perf_counter()
+    for path in paths:
+        os.unlink(path)
+    t3 = time.perf_counter()
+    directory.rmdir()
+    return {"create": t1 - t0, "stat": t2 - t1, "unlink": t3 - t2}
 
 
 # output:
