@@ -45,6 +45,7 @@ from fusefs.powercut import ENV_VAR as POWERCUT_ENV
 from fusefs.powercut import read_record, record_path_for
 from tools.campaign.fsx import FsxWorkload, fsx_available
 from tools.campaign.meta import MetaWorkload
+from tools.campaign.metaheavy import MetaHeavyWorkload
 from tools.campaign.mount import Image, SiteInfo, StepTimeout
 from tools.campaign.workloads import (
     DaemonGone,
@@ -67,7 +68,7 @@ class Outcome(enum.StrEnum):
 
 OUTCOMES: Final = tuple(Outcome)
 FAILURES: Final = frozenset({Outcome.CRASH, Outcome.HANG, Outcome.CORRUPTION, Outcome.FSCK_ERROR})
-WORKLOADS: Final = ("fsx", "data", "meta", "cycle")
+WORKLOADS: Final = ("fsx", "data", "meta", "metaheavy", "cycle")
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,8 @@ def _data_workloads(cfg: RunConfig, seed: int, workdir: Path) -> list[Workload]:
             out.append(DataWorkload(seed, ops=cfg.ops))
         elif name == "meta":
             out.append(MetaWorkload(seed, ops=cfg.ops))
+        elif name == "metaheavy":
+            out.append(MetaHeavyWorkload(seed, ops=cfg.ops))
     return out
 
 
@@ -447,7 +450,10 @@ def _tidy(workdir: Path, outcome: Outcome, cfg: RunConfig) -> None:
 
 
 def powercut_workloads(cfg: RunConfig) -> list[Workload]:
-    """A workload that fsyncs as it goes: data (every fourth op) then metadata."""
+    """A workload that fsyncs as it goes: data (every fourth op) then metadata;
+    or, when the campaign names it, the metadata-heavy one alone."""
+    if "metaheavy" in cfg.workloads:
+        return [MetaHeavyWorkload(cfg.seed, ops=cfg.ops)]
     return [
         DataWorkload(cfg.seed, ops=cfg.ops, fsync_every=4, files=3),
         MetaWorkload(cfg.seed, ops=cfg.ops // 2, fsync_every=5),
@@ -515,6 +521,8 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
     verdict.fired = int(cut)
     outcome, detail = verdict.outcome(obs, cut)
     faults = "".join(f" --fault '{f}'" for f in cfg.faults)
+    if "metaheavy" in cfg.workloads:
+        faults = f" --workload metaheavy{faults}"
     repro = {
         "command": (
             f"fusefs-campaign --power-cut-at {at} --power-cut-mode {mode} --seed {cfg.seed} "
