@@ -412,7 +412,7 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
         "command": (
             f"fusefs-campaign --name {site.name} --mode '{mode}' --seed {cfg.seed} "
             f"--workload {','.join(cfg.workloads)} --ops {cfg.ops} --cycles {cfg.cycles}"
-            f"{cfg.flags}"
+            f"{_size_flag(cfg)}{cfg.flags}"
         ),
         "fault": spec,
     }
@@ -435,6 +435,11 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
     )
     _tidy(workdir, outcome, cfg)
     return result
+
+
+def _size_flag(cfg: RunConfig) -> str:
+    """``--size`` for a reproducer, when the campaign's image was not the default."""
+    return "" if cfg.size == RunConfig.size else f" --size {cfg.size}"
 
 
 def _tidy(workdir: Path, outcome: Outcome, cfg: RunConfig) -> None:
@@ -526,7 +531,7 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
     repro = {
         "command": (
             f"fusefs-campaign --power-cut-at {at} --power-cut-mode {mode} --seed {cfg.seed} "
-            f"--ops {cfg.ops}{faults}{cfg.flags}"
+            f"--ops {cfg.ops}{_size_flag(cfg)}{faults}{cfg.flags}"
         ),
         "environment": f"{POWERCUT_ENV}={spec}",
     }
