@@ -409,10 +409,8 @@ class MetaHeavyWorkload:
         size = len(self.nodes[self.tree[path]].data)
         off = self.rng.randint(0, size) if self.rng.random() < 0.5 else size
         data = self.rng.randbytes(self.rng.randint(1, 5000))
-        try:
-            fd = os.open(self.root / path, os.O_WRONLY)
-        except OSError as e:
-            classify(e, obs, f"open {path}")
+        fd = self._open(obs, path, os.O_WRONLY)
+        if fd < 0:
             return
         try:
             self._write(obs, fd, path, off, data)
@@ -498,16 +496,22 @@ class MetaHeavyWorkload:
         self.nodes[nid] = replace(self.nodes[nid], synced=True)
         self._synced()
 
+    def _open(self, obs: Observations, path: str, flags: int) -> int:
+        """Open a file of the tree: its descriptor, or -1 after an error."""
+        try:
+            return os.open(self.root / path, flags)
+        except OSError as e:
+            classify(e, obs, f"open {path}")
+            return -1
+
     def _op_fsync(self, obs: Observations) -> None:
         files = self._of_kind("f")
         if not files:
             return
         unsynced = [p for p in files if not self.nodes[self.tree[p]].synced]
         path = self.rng.choice(unsynced if unsynced and self.rng.random() < 0.8 else files)
-        try:
-            fd = os.open(self.root / path, os.O_RDONLY)
-        except OSError as e:
-            classify(e, obs, f"open {path}")
+        fd = self._open(obs, path, os.O_RDONLY)
+        if fd < 0:
             return
         try:
             self._fsync_fd(obs, fd, path)
