@@ -61,6 +61,9 @@ NESTED: Final = 5  # of the DIRS, how many sit inside another one
 SIZES: Final = (0, 1, 100, 3000, 4096, 5000, 12000)
 XATTR_KEYS: Final = 4
 BS: Final = 4096
+# Gone read-only after an error, the filesystem refuses every change: after this
+# many refusals in a row there is nothing left to learn (each one walks the tree).
+READ_ONLY_STOP: Final = 10
 MAX_DEPTH: Final = 4  # where mkdir and directory renames put directories
 # Operation weights: syncs are about one operation in nine.
 OPS: Final = {
@@ -267,12 +270,15 @@ class MetaHeavyWorkload:
             obs.ops += 1
         names = list(OPS)
         weights = list(OPS.values())
+        refused = 0  # operations in a row the filesystem refused as read-only
         for _ in range(self.nops):
             deadline()
-            if self.lost:
+            if self.lost or refused >= READ_ONLY_STOP:
                 return
             op = self.rng.choices(names, weights)[0]
+            before = obs.errors.get("EROFS", 0)
             getattr(self, f"_op_{op}")(obs)
+            refused = refused + 1 if obs.errors.get("EROFS", 0) > before else 0
             obs.ops += 1
         self._op_fsyncdir(obs)
 
