@@ -763,8 +763,12 @@ class Filesystem:
             raise InvalidArgument(f"bad directory handle {fh}", errno=errno.EBADF)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        if not self.read_only:
-            await self.commit()
+        if self.read_only:
+            # Gone read-only after an error: nothing since the last commit is durable.
+            if self.ro_reason and not self.options.read_only:
+                raise IOFailure(f"fsyncdir on a filesystem gone read-only: {self.ro_reason}")
+            return
+        await self.commit()
 
     async def forget(self, inodes: list[tuple[int, int]]) -> None:
         for ino, n in inodes:

@@ -257,6 +257,26 @@ def test_power_cuts_lose_nothing_fsynced(tmp_path: Path) -> None:
 
 
 @pytest.mark.mount
+def test_metaheavy_power_cuts_recover_a_synced_state(tmp_path: Path) -> None:
+    """The metadata-heavy workload on a small image (a small journal: background
+    checkpoints happen): every cut recovers exactly a state the namespace passed
+    through since its last returned sync (tests/unit/test_metaheavy.py shows the
+    check failing on planted damage)."""
+    code, doc, output = campaign(
+        tmp_path,
+        *("--power-cut", "4", "--workload", "metaheavy", "--ops", "150", "--size", "8M"),
+        *("-j", "2"),
+    )
+    pc = doc["powercut"]
+    assert pc["workload_events"] > 40, output
+    failures = [r for r in pc["runs"] if r["outcome"] not in ("clean", "not reached")]
+    assert not failures, failures
+    assert [r["outcome"] for r in pc["runs"]].count("clean") >= 3, output
+    assert doc["workloads"] == ["metaheavy"]
+    assert code == 0
+
+
+@pytest.mark.mount
 def test_broken_commit_ordering_is_caught(tmp_path: Path, site_names: set[str]) -> None:
     assert ORDERING_SITE in site_names, f"the ordering self-test site {ORDERING_SITE!r} is missing"
     code, doc, output = campaign(

@@ -452,6 +452,28 @@ async def test_commit_failure_goes_read_only_and_keeps_last_state(image: Path) -
     await fs.unmount()
 
 
+async def test_fsyncdir_after_a_failed_commit_reports_the_error(image: Path) -> None:
+    """Gone read-only after a failed commit, the filesystem made nothing durable
+    since its last commit: fsyncdir must fail as fsync does, not return success
+    (found by the metaheavy campaign workload: blockdev_flush x oneshot)."""
+    fs = await Filesystem.mount(image, MountOptions(commit_interval=3600))
+    await fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID)
+    REGISTRY.control("name blockdev_flush oneshot")
+    with pytest.raises(FsError):
+        await fs.commit()
+    assert fs.read_only
+    fh = await fs.opendir(ROOT_INO)
+    try:
+        with pytest.raises(FsError) as e:
+            await fs.fsyncdir(fh, False)
+        assert errno_of(e) == errno.EIO
+    finally:
+        await fs.releasedir(fh)
+    with pytest.raises(FsError):
+        await fs.unmount()
+    assert_fsck_clean(image)
+
+
 async def test_writeback_error_frees_new_blocks_and_reports_once(fs: Filesystem) -> None:
     fh, _ = await fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, UID, GID)
     allocated = fs.alloc.statistics().allocated

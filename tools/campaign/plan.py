@@ -34,7 +34,8 @@ FULL_MODES: Final = ("oneshot", "frequency 3", "probability 0.05")
 # the cut (0.6 s for all of it).  Only the ratios matter to the partition.
 _RUN_BASE_MS: Final = 1500  # mkfs, mount, umount, fsck, the verifying remount
 _CYCLE_MS: Final = 500  # one mount, write, fsync, umount of the cycle workload
-_OP_MS: Final = {"fsx": 6.0, "data": 3.0, "meta": 3.0}
+# metaheavy and space are taken as meta and data cost (not measured apart).
+_OP_MS: Final = {"fsx": 6.0, "data": 3.0, "meta": 3.0, "metaheavy": 3.0, "space": 3.0}
 _CUT_BASE_MS: Final = 1100  # mkfs, mount, detach, fsck, recovery mount, verify
 _CUT_OP_MS: Final = 3.0  # per op of the power-cut workload (data ops + meta ops/2)
 

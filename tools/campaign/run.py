@@ -45,6 +45,7 @@ from fusefs.powercut import ENV_VAR as POWERCUT_ENV
 from fusefs.powercut import read_record, record_path_for
 from tools.campaign.fsx import FsxWorkload, fsx_available
 from tools.campaign.meta import MetaWorkload
+from tools.campaign.metaheavy import MetaHeavyWorkload
 from tools.campaign.mount import Image, SiteInfo, StepTimeout
 from tools.campaign.workloads import (
     DaemonGone,
@@ -69,7 +70,7 @@ class Outcome(enum.StrEnum):
 
 OUTCOMES: Final = tuple(Outcome)
 FAILURES: Final = frozenset({Outcome.CRASH, Outcome.HANG, Outcome.CORRUPTION, Outcome.FSCK_ERROR})
-WORKLOADS: Final = ("fsx", "data", "meta", "cycle", "space")
+WORKLOADS: Final = ("fsx", "data", "meta", "metaheavy", "cycle", "space")
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ def _data_workloads(cfg: RunConfig, seed: int, workdir: Path) -> list[Workload]:
             out.append(MetaWorkload(seed, ops=cfg.ops))
         elif name == "space":
             out.append(SpaceWorkload(seed, ops=cfg.ops))
+        elif name == "metaheavy":
+            out.append(MetaHeavyWorkload(seed, ops=cfg.ops))
     return out
 
 
@@ -425,7 +428,7 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
         "command": (
             f"fusefs-campaign --name {site.name} --mode '{mode}' --seed {cfg.seed} "
             f"--workload {','.join(cfg.workloads)} --ops {cfg.ops} --cycles {cfg.cycles}"
-            f"{cfg.flags}"
+            f"{_size_flag(cfg)}{cfg.flags}"
         ),
         "fault": spec,
     }
@@ -450,6 +453,11 @@ def run_fault(site: SiteInfo, mode: str, cfg: RunConfig) -> RunResult:
     return result
 
 
+def _size_flag(cfg: RunConfig) -> str:
+    """``--size`` for a reproducer, when the campaign's image was not the default."""
+    return "" if cfg.size == RunConfig.size else f" --size {cfg.size}"
+
+
 def _tidy(workdir: Path, outcome: Outcome, cfg: RunConfig) -> None:
     """Images are large: keep them only for failures (and logs always)."""
     if outcome in FAILURES or cfg.keep:
@@ -463,7 +471,10 @@ def _tidy(workdir: Path, outcome: Outcome, cfg: RunConfig) -> None:
 
 
 def powercut_workloads(cfg: RunConfig) -> list[Workload]:
-    """A workload that fsyncs as it goes: data (every fourth op) then metadata."""
+    """A workload that fsyncs as it goes: data (every fourth op) then metadata;
+    or, when the campaign names it, the metadata-heavy one alone."""
+    if "metaheavy" in cfg.workloads:
+        return [MetaHeavyWorkload(cfg.seed, ops=cfg.ops)]
     return [
         DataWorkload(cfg.seed, ops=cfg.ops, fsync_every=4, files=3),
         MetaWorkload(cfg.seed, ops=cfg.ops // 2, fsync_every=5),
@@ -532,10 +543,12 @@ def run_powercut(at: int | None, mode: str, cfg: RunConfig) -> RunResult:
     verdict.fired = int(cut)
     outcome, detail = verdict.outcome(obs, cut)
     faults = "".join(f" --fault '{f}'" for f in cfg.faults)
+    if "metaheavy" in cfg.workloads:
+        faults = f" --workload metaheavy{faults}"
     repro = {
         "command": (
             f"fusefs-campaign --power-cut-at {at} --power-cut-mode {mode} --seed {cfg.seed} "
-            f"--ops {cfg.ops}{faults}{cfg.flags}"
+            f"--ops {cfg.ops}{_size_flag(cfg)}{faults}{cfg.flags}"
         ),
         "environment": f"{POWERCUT_ENV}={spec}",
     }
