@@ -97,11 +97,13 @@ def test_pressure_finds_a_write_into_an_evicted_page(mnt: FuseMount, tmp_path: P
 def test_pressure_finds_truncate_zeroing_under_a_dirty_page(mnt: FuseMount, tmp_path: Path) -> None:
     """Truncate zeroing the EOF block on the device while writeback of its
     dirty page runs (the second lost-write bug): found within a few thousand
-    ops of the truncate mix with drops and chaos windows."""
+    ops of the truncate mix with drops and chaos windows.  Without the seek
+    check: its lseeks pass a race site each, and the chaos windows they open
+    (half of them, 5 ms on average) change the interleavings this run needs."""
     bug = "name truncate_zero_under_dirty_page enable"
     argv = [
         "-N", "6000", *TRUNCATE_MIX, "--pressure", "drop", "--pressure-interval", "5",
-        "--chaos", "0.5", "--chaos-delay", "0-10", "--fault", bug,
+        "--chaos", "0.5", "--chaos-delay", "0-10", "--no-seek-check", "--fault", bug,
     ]  # fmt: skip
     out = finds(argv, mnt.path("f"), tmp_path, (2, 3, 1))
     assert re.search(r"FAILED: (read|full check after) op \d+: bad data", out), out
