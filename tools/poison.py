@@ -11,33 +11,57 @@ is allowed any of its old or new contents, but not bytes nobody wrote to it.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Final
 
 from fusefs.blockdev import BlockDevice
 from fusefs.commit import load_checkpoint
-from fusefs.format import probe_block_size
+from fusefs.errors import InUse
+from fusefs.filesystem import mapped_runs
+from fusefs.format import normalize_runs, probe_block_size
 
-POISON: Final = b"\xee\x5a\xa5\xee" * 16  # 64 bytes no workload writes
+POISON: Final = b"\xdePOISON-FREE-BLOCK\xad"  # no workload writes it
+
+#: How long to wait for an image whose lock a forked child still holds: a
+#: campaign thread's subprocess inherits, until it execs, every descriptor open
+#: in the process at the fork, this one's lock included.
+LOCK_WAIT: Final = 5.0
 
 
-def poison_free_blocks(image: str | os.PathLike[str]) -> None:
-    """Fill every block of an unmounted image that no metadata uses (a fresh
-    image's data area) with `POISON`."""
-    dev = BlockDevice(image, probe_block_size(image))
+def poison_block(block_size: int) -> bytes:
+    return (POISON * (block_size // len(POISON) + 1))[:block_size]
+
+
+def _open(path: str) -> BlockDevice:
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return BlockDevice(path, probe_block_size(path))
+        except InUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def poison_free_blocks(image: str | os.PathLike[str]) -> int:
+    """Fill every block of an unmounted image's data area that nothing maps
+    with `POISON`; returns how many."""
+    dev = _open(os.fspath(image))
     try:
         loaded = load_checkpoint(dev)
-        taken = {b for p, n in (*loaded.runs, loaded.journal_run) for b in range(p, p + n)}
-        for inode in loaded.inodes.values():
-            if inode.extents is not None:
-                for ext in inode.extents.extents():
-                    if ext.pblk is not None:
-                        taken.update(range(ext.pblk, ext.pblk + ext.length))
-        fill = POISON * (dev.block_size // len(POISON))
-        for blk in range(loaded.superblock.first_data_block, dev.blocks):
-            if blk not in taken:
-                dev.write_sync(blk, fill)
+        sb = loaded.superblock
+        used = normalize_runs(list(mapped_runs(loaded.inodes.values())) + list(loaded.runs))
+        poison = poison_block(sb.block_size)
+        count = 0
+        pos = sb.first_data_block
+        for pblk, n in [*used, (sb.device_blocks, 0)]:
+            for b in range(pos, pblk):
+                dev.write_sync(b, poison)
+                count += 1
+            pos = max(pos, pblk + n)
         dev.flush_sync()
+        return count
     finally:
         dev.close()
 
@@ -55,7 +79,7 @@ def poisoned_files(root: Path) -> list[str]:
                     data = f.read()
             except OSError:
                 continue
-            if POISON[:16] in data:
+            if POISON in data:
                 found.append(str(path.relative_to(root)))
     return sorted(found)
 

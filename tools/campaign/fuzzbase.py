@@ -35,17 +35,15 @@ from typing import Any, Final
 
 import trio
 
-from fusefs.blockdev import BlockDevice
-from fusefs.commit import load_checkpoint
 from fusefs.control import parse_fallocate
 from fusefs.errors import FsError
-from fusefs.filesystem import Filesystem, MountOptions, mapped_runs
-from fusefs.format import mkfs, normalize_runs, probe_block_size
+from fusefs.filesystem import Filesystem, MountOptions
+from fusefs.format import mkfs
 from fusefs.namespace import ROOT_INO
+from tools.poison import POISON, poison_block, poison_free_blocks
 
 BS: Final = 4096
 ROOT: Final = Path("/fusefs-in-process")
-POISON: Final = b"\xdePOISON-FREE-BLOCK\xad"
 """Written over every free block of a base image (repeated to fill the block)."""
 
 
@@ -54,10 +52,6 @@ def pattern_block(tag: str, lblk: int, bs: int = BS) -> bytes:
     repeated."""
     unit = f"<{tag}:{lblk}>".encode()
     return (unit * (bs // len(unit) + 1))[:bs]
-
-
-def poison_block(bs: int = BS) -> bytes:
-    return (POISON * (bs // len(POISON) + 1))[:bs]
 
 
 # the system calls, in-process:
@@ -369,27 +363,6 @@ async def _build(spec: BaseSpec, path: Path, seed: int) -> None:
         fs.dev.close()
         raise
     await fs.unmount()
-
-
-def poison_free_blocks(path: Path) -> int:
-    """Fill every block of the data area that nothing maps with `POISON`."""
-    dev = BlockDevice(os.fspath(path), probe_block_size(path), read_only=False)
-    try:
-        loaded = load_checkpoint(dev)
-        sb = loaded.superblock
-        used = normalize_runs(list(mapped_runs(loaded.inodes.values())) + list(loaded.runs))
-        poison = poison_block(sb.block_size)
-        count = 0
-        pos = sb.first_data_block
-        for pblk, n in [*used, (sb.device_blocks, 0)]:
-            for b in range(pos, pblk):
-                dev.write_sync(b, poison)
-                count += 1
-            pos = max(pos, pblk + n)
-        dev.flush_sync()
-        return count
-    finally:
-        dev.close()
 
 
 def build_base(name: str, path: Path, seed: int) -> str:
