@@ -726,6 +726,12 @@ class Filesystem:
             self.ns.remove(inode)
             await self._free_blocks(inode)
             self.mark_changed()
+        elif inode.open_count == 0:
+            # Closed: an idle inode keeps no empty mapping and no lock (its
+            # cached pages keep the mapping until they are evicted).
+            mapping = self.cache.mappings.get(inode.ino)
+            if mapping is None or not self.cache.retire_if_idle(mapping):
+                inode.drop_lock_if_idle()
 
     # directories:
 
@@ -835,6 +841,8 @@ class Filesystem:
             st = mapping.lock.statistics()
             for key in totals:
                 totals[key] += getattr(st, key)
+        for key, value in self.cache.retired_lock_totals.items():
+            totals[key] += value
         return {k: v if k.endswith("seconds") else int(v) for k, v in totals.items()}
 
     def stats(self) -> dict[str, object]:

@@ -113,6 +113,15 @@ class Inode:
             lock = self._lock = InodeLock()
         return lock
 
+    def idle(self) -> bool:
+        """No open handle, and nobody holds or waits for the inode lock."""
+        return self.open_count == 0 and (self._lock is None or self._lock.idle())
+
+    def drop_lock_if_idle(self) -> None:
+        """Forget an idle inode lock (`io_lock` makes a new one when needed)."""
+        if self._lock is not None and self._lock.idle():
+            object.__setattr__(self, "_lock", None)
+
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)

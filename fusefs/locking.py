@@ -58,7 +58,9 @@ class InodeLock:
     def __init__(self) -> None:
         self._readers: dict[trio.lowlevel.Task, int] = {}
         self._writer: trio.lowlevel.Task | None = None
-        self._queue: deque[_Waiter] = deque()
+        # Created by the first waiter, dropped when the last leaves: most
+        # inodes' locks never see one, and an empty deque costs 760 bytes.
+        self._queue: deque[_Waiter] | None = None
 
     def __repr__(self) -> str:
         if self._writer is not None:
@@ -67,14 +69,14 @@ class InodeLock:
             state = f"read-locked by {sum(self._readers.values())}"
         else:
             state = "unlocked"
-        return f"<InodeLock {state}, {len(self._queue)} waiting>"
+        return f"<InodeLock {state}, {len(self._queue or ())} waiting>"
 
     def statistics(self) -> InodeLockStatistics:
         return InodeLockStatistics(
             readers=sum(self._readers.values()),
             writer=self._writer,
-            waiting_readers=sum(1 for w in self._queue if not w.exclusive),
-            waiting_writers=sum(1 for w in self._queue if w.exclusive),
+            waiting_readers=sum(1 for w in self._queue or () if not w.exclusive),
+            waiting_writers=sum(1 for w in self._queue or () if w.exclusive),
         )
 
     @property
@@ -111,6 +113,8 @@ class InodeLock:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter(exclusive, task)
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(waiter)
         try:
             await waiter.event.wait()
@@ -118,6 +122,7 @@ class InodeLock:
             if waiter.granted:
                 self._release(exclusive, task)
             else:
+                assert self._queue is not None
                 self._queue.remove(waiter)
                 self._wake()
             raise
@@ -145,12 +150,19 @@ class InodeLock:
             waiter.event.set()
             if waiter.exclusive:
                 break
+        if not self._queue:
+            self._queue = None
 
     async def acquire_shared(self) -> None:
         await self._acquire(False)
 
     async def acquire_exclusive(self) -> None:
         await self._acquire(True)
+
+    def idle(self) -> bool:
+        """Nobody holds or waits for it: a task that takes it next takes it
+        without a yield before the grant, so dropping it now is safe."""
+        return self._writer is None and not self._readers and not self._queue
 
     def acquire_exclusive_nowait(self) -> bool:
         """Take the write lock if nobody holds or waits for it (trio's
@@ -261,9 +273,11 @@ class PagecacheLock:
         self._side = 0  # ADD, BLOCK, or 0 when free
         self._count = 0  # holders of self._side
         self._holders: dict[trio.lowlevel.Task, tuple[int, int]] = {}
-        self._queue: deque[_SideWaiter] = deque()
-        self._waits = {ADD: 0, BLOCK: 0}
-        self._wait_time = {ADD: 0.0, BLOCK: 0.0}
+        # The queue and the wait counters are created by the first waiter (and
+        # the queue dropped when the last leaves): most inodes' locks never see one.
+        self._queue: deque[_SideWaiter] | None = None
+        self._waits: dict[int, int] | None = None
+        self._wait_time: dict[int, float] | None = None
         self._tryget_failures = 0
         # Gets granted while the lock was off, per task and side: their puts must
         # not touch the counters even if the lock was switched on in between.
@@ -276,21 +290,27 @@ class PagecacheLock:
             state = f"{_SIDE_NAMES[self._side]} x{self._count}"
         else:
             state = "free"
-        return f"<PagecacheLock {state}, {len(self._queue)} waiting>"
+        return f"<PagecacheLock {state}, {len(self._queue or ())} waiting>"
 
     def statistics(self) -> PagecacheLockStatistics:
+        waits = self._waits or {}
+        wait_time = self._wait_time or {}
         return PagecacheLockStatistics(
             enabled=self.enabled,
             add_holders=self._count if self._side == ADD else 0,
             block_holders=self._count if self._side == BLOCK else 0,
-            add_waiting=sum(1 for w in self._queue if w.side == ADD),
-            block_waiting=sum(1 for w in self._queue if w.side == BLOCK),
-            add_waits=self._waits[ADD],
-            block_waits=self._waits[BLOCK],
-            add_wait_seconds=self._wait_time[ADD],
-            block_wait_seconds=self._wait_time[BLOCK],
+            add_waiting=sum(1 for w in self._queue or () if w.side == ADD),
+            block_waiting=sum(1 for w in self._queue or () if w.side == BLOCK),
+            add_waits=waits.get(ADD, 0),
+            block_waits=waits.get(BLOCK, 0),
+            add_wait_seconds=wait_time.get(ADD, 0.0),
+            block_wait_seconds=wait_time.get(BLOCK, 0.0),
             tryget_failures=self._tryget_failures,
         )
+
+    def idle(self) -> bool:
+        """Nobody holds it (tracked or not) or waits for it."""
+        return self._count == 0 and not self._queue and not self._holders and not self._untracked
 
     def held_by_current_task(self) -> int:
         """ADD, BLOCK or 0: the side the current task holds."""
@@ -332,19 +352,26 @@ class PagecacheLock:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _SideWaiter(side, task)
+        if self._queue is None:
+            self._queue = deque()
+        if self._waits is None or self._wait_time is None:
+            self._waits = {ADD: 0, BLOCK: 0}
+            self._wait_time = {ADD: 0.0, BLOCK: 0.0}
         self._queue.append(waiter)
         self._waits[side] += 1
+        wait_time = self._wait_time
         try:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:
                 self._put(side, task)
             else:
+                assert self._queue is not None
                 self._queue.remove(waiter)
                 self._wake()
             raise
         finally:
-            self._wait_time[side] += trio.current_time() - waiter.since
+            wait_time[side] += trio.current_time() - waiter.since
 
     def _put(self, side: int, task: trio.lowlevel.Task) -> None:
         untracked = self._untracked.get((task, side), 0)
@@ -382,6 +409,8 @@ class PagecacheLock:
             self._take(side, waiter.task)
             waiter.granted = True
             waiter.event.set()
+        if not self._queue:
+            self._queue = None
 
     # the bcachefs names:
 
@@ -397,7 +426,7 @@ class PagecacheLock:
         if not self.enabled:
             self._untracked[task, ADD] = self._untracked.get((task, ADD), 0) + 1
             return True
-        if any(w.side == BLOCK for w in self._queue):
+        if any(w.side == BLOCK for w in self._queue or ()):
             self._tryget_failures += 1
             return False
         if self._get_nowait(ADD, task):

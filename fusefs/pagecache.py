@@ -111,6 +111,16 @@ class Fill:
         self.done = trio.Event()  # set once its pages are in (or it gave up)
 
 
+#: The add lock's cumulative counters, kept across retired mappings.
+_LOCK_COUNTERS: Final = (
+    "add_waits",
+    "block_waits",
+    "add_wait_seconds",
+    "block_wait_seconds",
+    "tryget_failures",
+)
+
+
 @final
 class Mapping:
     """One inode's pages and its pagecache add lock."""
@@ -214,6 +224,9 @@ class PageCache:
         self._set_limits(limit_bytes)
         self.lock_enabled = True
         self.mappings: dict[int, Mapping] = {}
+        # The wait counters of the add locks of retired mappings (`retire_if_idle`),
+        # so that the lock statistics stay cumulative.
+        self.retired_lock_totals: dict[str, float] = {}
         self.nr_pages = 0
         self.nr_dirty = 0
         self.nr_writeback = 0
@@ -305,6 +318,34 @@ class PageCache:
         self.lock_enabled = enabled
         for m in self.mappings.values():
             m.lock.enabled = enabled
+
+    def retire_if_idle(self, m: Mapping) -> bool:
+        """Forget ``m`` if it holds nothing and nothing can be using it: no
+        page, fill or writeback error, its add lock and its inode idle (no open
+        handle, inode lock free).  Every path that uses a mapping holds a handle
+        or takes the inode lock or the add lock before its first yield, so
+        the next one makes a new mapping.  An idle inode then costs no mapping,
+        page index or lock (about 2 KiB each)."""
+        if (
+            m.pages
+            or m.nr_dirty
+            or m.nr_writeback
+            or m.nr_reserved
+            or m.fills
+            or m.error is not None
+            or not m.lock.idle()
+            or not m.inode.idle()
+            or self.mappings.get(m.inode.ino) is not m
+        ):
+            return False
+        del self.mappings[m.inode.ino]
+        self.dirty_mappings.pop(m, None)
+        totals = self.retired_lock_totals
+        st = m.lock.statistics()
+        for key in _LOCK_COUNTERS:
+            totals[key] = totals.get(key, 0) + getattr(st, key)
+        m.inode.drop_lock_if_idle()
+        return True
 
     def forget_mapping(self, inode: Inode) -> None:
         """The inode is gone: drop every page (dirty ones too) and the mapping."""
@@ -478,6 +519,7 @@ class PageCache:
         # at a time (pages read or written together age together).
         run_map: Mapping | None = None
         run_first = run_end = 0
+        emptied: list[Mapping] = []  # mappings that lost pages: retired if now empty
         for _ in range(done):
             page, _ = lru.popitem(last=False)
             m = page.mapping
@@ -490,6 +532,7 @@ class PageCache:
             else:
                 if run_map is not None:
                     run_map.pages.clear_run(run_first, run_end - run_first)
+                    emptied.append(run_map)
                 run_map, run_first, run_end = m, index, index + 1
             wasted += page.readahead
             # LRU pages are clean and idle; a clean page over a hole may
@@ -498,6 +541,10 @@ class PageCache:
                 self._unreserve(page)
         if run_map is not None:
             run_map.pages.clear_run(run_first, run_end - run_first)
+            emptied.append(run_map)
+        for m in emptied:
+            if not m.pages:
+                self.retire_if_idle(m)
         self.nr_pages -= done
         self.counters["readahead_wasted"] += wasted
         self.counters["evictions"] += done

@@ -88,6 +88,11 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
 async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> None:
     """Fill the missing pages of [start, stop) if the ADD side can be had now."""
     cache = fs.cache
+    if cache.mappings.get(mapping.inode.ino) is not mapping:
+        # Retired while this task waited to start (the file was closed and its
+        # pages evicted): nobody reads through it any more.
+        cache.counters["readahead_abandoned"] += stop - start
+        return
     if not mapping.lock.add_tryget():
         cache.counters["readahead_abandoned"] += stop - start
         return

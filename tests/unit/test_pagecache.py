@@ -76,7 +76,8 @@ async def write_synced(fs: Filesystem, fh: int, offset: int, data: bytes, chunk:
 
 
 def mapping_of(fs: Filesystem, ino: int) -> Mapping:
-    return fs.cache.mappings[ino]
+    """The inode's mapping, made if it has none (an idle inode's is retired)."""
+    return fs.cache.mapping(fs.ns.get(ino))
 
 
 def resident(fs: Filesystem, ino: int) -> set[int]:
