@@ -120,12 +120,7 @@ def test_swapped_names_are_caught(tmp_path: Path) -> None:
     w = _run(tmp_path)
     by_size: dict[int, list[str]] = {}
     for p, e in sorted(w.state().items()):
-        if (
-            e[1] == "f"
-            and e[4] == 1
-            and not e[5]
-            and w.durable_state.get(p) == e
-        ):
+        if e[1] == "f" and e[4] == 1 and not e[5] and w.durable_state.get(p) == e:
             by_size.setdefault(e[3], []).append(p)
     a, b = next(paths[:2] for paths in by_size.values() if len(paths) >= 2)
     exchange(tmp_path / "mh" / a, tmp_path / "mh" / b)
