@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -531,17 +532,16 @@ def run_with_rusage(argv: Sequence[str], timeout: float) -> tuple[int, int]:
     """Run `argv` (stdout discarded); its (exit code, max RSS in bytes), killed after
     `timeout`."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss * KiB
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise BenchError(f"{shlex.join(argv)}: not done after {timeout:.0f} s")
-        time.sleep(0.05)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode == -signal.SIGKILL:
+        raise BenchError(f"{shlex.join(argv)}: not done after {timeout:g} s")
+    return proc.returncode, usage.ru_maxrss * KiB
 
 
 @contextmanager

@@ -39,11 +39,16 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+def require_fuse() -> None:
+    """Skip the test (or fixture) where real mounts cannot run."""
+    reason = fuse_unavailable()
+    if reason is not None:
+        pytest.skip(f"needs a real FUSE mount: {reason}")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("mount") is not None:
-        reason = fuse_unavailable()
-        if reason is not None:
-            pytest.skip(f"needs a real FUSE mount: {reason}")
+        require_fuse()
 
 
 def fusefs(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -200,9 +205,7 @@ def mnt(image: Path, tmp_path: Path) -> Iterator[FuseMount]:
 @pytest.fixture(scope="module")
 def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuseMount]:
     """One mount for a module's tests that need no remount (each works in its own dir)."""
-    reason = fuse_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs a real FUSE mount: {reason}")
+    require_fuse()
     base = tmp_path_factory.mktemp("shared")
     image = base / "fs.img"
     mkfs(image)

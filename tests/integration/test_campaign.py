@@ -128,11 +128,9 @@ def test_report_renders_from_json() -> None:
 
 @pytest.fixture(scope="module")
 def site_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    from tests.integration.conftest import fuse_unavailable
+    from tests.integration.conftest import require_fuse
 
-    reason = fuse_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs a real FUSE mount: {reason}")
+    require_fuse()
     image = Image(tmp_path_factory.mktemp("sites"), "16M", timeout=60)
     image.mkfs()
     assert image.mount().ok

@@ -45,11 +45,9 @@ def _doc(path: Path, name: str = "matrix.json") -> dict[str, Any]:
 def campaign_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole campaign in ``single``, its shards in ``shard-K``, started
     together (the shards one at a time on each of the two cores)."""
-    from tests.integration.conftest import fuse_unavailable
+    from tests.integration.conftest import require_fuse
 
-    reason = fuse_unavailable()
-    if reason is not None:
-        pytest.skip(f"needs a real FUSE mount: {reason}")
+    require_fuse()
     base = tmp_path_factory.mktemp("shards")
     procs = [
         subprocess.Popen(
