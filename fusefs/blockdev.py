@@ -166,12 +166,12 @@ class BlockDevice:
         self._count_read(want)
         return data
 
-    def read_into_sync(self, pblk: int, buffers: Sequence[bytearray]) -> None:
-        """Read ``len(buffers)`` blocks at ``pblk`` straight into the buffers
-        (one block each): one ``preadv``, no copy -- how fills land in pages."""
-        count = len(buffers)
+    def read_into_sync(self, pblk: int, buffers: Sequence[bytearray | memoryview]) -> None:
+        """Read consecutive blocks at ``pblk`` straight into the buffers (whole
+        blocks each): one ``preadv``, no copy -- how fills land in pages."""
+        want = sum(len(b) for b in buffers)
+        count = want // self.block_size
         self._before_read(pblk, count)
-        want = count * self.block_size
         offset = pblk * self.block_size
         try:
             if self.powercut is None:
@@ -181,14 +181,16 @@ class BlockDevice:
                     part = buffers[i : i + IOV_MAX]
                     got = os.preadv(self._fd, part, offset + done)
                     done += got
-                    if got != len(part) * self.block_size:
+                    if got != sum(len(b) for b in part):
                         break
             else:
                 data = self._pread(self._fd, want, offset)
                 done = len(data)
-                bs = self.block_size
-                for i, buf in enumerate(buffers):
-                    buf[:] = data[i * bs : (i + 1) * bs]
+                pos = 0
+                for buf in buffers:
+                    view = memoryview(buf)
+                    view[:] = data[pos : pos + len(view)]
+                    pos += len(view)
         except OSError as e:
             raise IOFailure(f"blockdev: read of block {pblk}: {e.strerror}") from e
         if done != want:
@@ -248,8 +250,8 @@ class BlockDevice:
         """Read ``count`` blocks starting at ``pblk``."""
         return await trio.to_thread.run_sync(self.read_sync, pblk, count, limiter=self._limiter)
 
-    async def read_into(self, pblk: int, buffers: Sequence[bytearray]) -> None:
-        """Read consecutive blocks starting at ``pblk`` into one buffer each."""
+    async def read_into(self, pblk: int, buffers: Sequence[bytearray | memoryview]) -> None:
+        """Read consecutive blocks starting at ``pblk`` into the buffers, in order."""
         await trio.to_thread.run_sync(self.read_into_sync, pblk, buffers, limiter=self._limiter)
 
     async def write(self, pblk: int, data: bytes | bytearray | memoryview) -> None:

@@ -622,7 +622,7 @@ class Filesystem:
             if mapping is not None and (mapping.nr_dirty or mapping.nr_writeback):
                 first, end = offset // bs, -(-(offset + size) // bs)
                 await writeback_range(self, mapping, first, end, wait=True)
-                if any(p.dirty for p in mapping.range(first, end)):
+                if mapping.dirty_in(first, end):
                     # The device holds older data than the cache: fail rather
                     # than return it (the error stays for fsync to report too).
                     error = mapping.error
@@ -879,6 +879,8 @@ class Filesystem:
                 route: dict(sorted(c.items())) for route, c in self.fallocate_requests.items()
             },
             "cache_pages": cache.pages,
+            "cache_folios": cache.folios,
+            "cache_splits": cache.splits,
             "cache_bytes": cache.memory_bytes,
             "cache_limit_bytes": cache.limit_bytes,
             "cache_dirty": cache.dirty,

@@ -1,11 +1,22 @@
-"""The page cache: pages, per-inode mappings, LRU, dirty accounting, reservations.
+"""The page cache: pages of one or more blocks, per-inode mappings, LRU, dirty
+accounting, reservations.
 
 fusefs keeps its own page cache (the kernel's is bypassed with FUSE
-``direct_io``, DESIGN §2).  A `Page` is one block of one file; a `Mapping` is
-one inode's pages, indexed by block number in a `PageIndex` (chunked, ordered) so that range
-operations (write back, drop) cost the pages in the range, not the file.  Each
-mapping carries the inode's `PagecacheLock` — the pagecache add lock, the
-kernel's ``mapping->invalidate_lock``.
+``direct_io``, DESIGN §2).  A `Page` covers ``nblocks`` consecutive blocks of
+one file (a power of two, aligned to it: the kernel's large folio); a
+`Mapping` is one inode's pages, indexed by block number in a `PageIndex` whose
+every slot of a page's blocks holds the page, so that finding the page of a
+block is one lookup and range operations (write back, drop) cost the pages in
+the range, not the file.  Each mapping carries the inode's `PagecacheLock` —
+the pagecache add lock, the kernel's ``mapping->invalidate_lock``.
+
+How big a page is follows how the file is being used: a fill (a read miss,
+readahead) and a write of whole blocks make pages as large as the stretch they
+cover allows, up to `MAX_PAGE_BLOCKS`, each aligned to its size (`pieces`); a
+partial-block write, a read-modify-write and a stretch's ragged ends make
+one-block pages.  A sequential stream so costs the Python work of one page
+object per 64 blocks, while small files and random IO keep one-block pages and
+waste no memory.
 
 Only pages whose contents are valid are ever in a mapping: a read fills its
 buffers first and inserts afterwards (so there are no locked, not-yet-uptodate
@@ -14,16 +25,27 @@ with stale contents could get in while a truncate, punch or shift changes the
 mapping underneath: the ADD side held across fill-and-insert, against the BLOCK
 side held across drop-and-change, is what keeps them apart.
 
-Per-page state:
+State is kept per block, in bit masks of the page (bit ``i`` is block
+``page.index + i``), as iomap keeps per-block state in a folio:
 
-* ``dirty`` — newer than the block on disk; not evictable.
+* ``dirty`` — newer than the block on disk.  A page with a dirty block is not
+  evictable; writeback writes only the dirty blocks.
 * ``writeback`` — being written; BLOCK holders wait for it (`wait_writeback`).
-* ``space`` — the state of the page's block: ``UNALLOCATED`` (a hole, nothing
-  promised), ``RESERVED`` (a hole, with one block of the cache's reservation
-  held for it, so writeback cannot hit ENOSPC), ``ALLOCATED`` (the extent map
-  has a block behind it).  The invariant the tests check: the cache's
-  reservation holds exactly one block per ``RESERVED`` page.
-* ``readahead`` — brought in by readahead and not yet read (used/wasted counts).
+* space — the state of the block on disk: neither bit (``UNALLOCATED``: a
+  hole, nothing promised), ``reserved`` (``RESERVED``: a hole, with one block
+  of the cache's reservation held for it, so writeback cannot hit ENOSPC),
+  ``allocated`` (``ALLOCATED``: the extent map has a block behind it).  The
+  invariant the tests check: the cache's reservation holds exactly one block
+  per ``RESERVED`` block.
+
+and per page: ``readahead`` — brought in by readahead and not yet read
+(used/wasted counts, in blocks).
+
+A page is split (its blocks copied into smaller pages) only when a range drop
+(truncate, punch, a direct write, a shift) cuts through it; the part kept
+keeps its per-block state.  Every count of the cache — pages in memory, dirty,
+under writeback, reserved, evictions — is in blocks, so limits mean the same
+whatever the page sizes.
 
 Memory: a global limit (``cache_size``) with LRU eviction of clean pages not
 under writeback; a dirty limit (half the cache) at which writers wait for
@@ -34,7 +56,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
@@ -56,39 +78,99 @@ SPACE_NAMES: Final = {UNALLOCATED: "unallocated", RESERVED: "reserved", ALLOCATE
 DEFAULT_CACHE_SIZE: Final = 64 << 20
 MIN_CACHE_SIZE: Final = 1 << 20
 DIRTY_EXPIRE_SECONDS: Final = 2.0
+#: The largest page, in blocks (256 KiB at 4 KiB blocks).
+MAX_PAGE_BLOCKS: Final = 64
+
+
+def pieces(first: int, count: int, limit: int = MAX_PAGE_BLOCKS) -> list[tuple[int, int]]:
+    """[first, first + count) cut into (start, n) pages: each n a power of two
+    up to ``limit``, each start a multiple of its n, as few as that allows."""
+    out: list[tuple[int, int]] = []
+    index = first
+    end = first + count
+    while index < end:
+        n = limit
+        while n > 1 and (index & (n - 1) or index + n > end):
+            n >>= 1
+        out.append((index, n))
+        index += n
+    return out
+
+
+def ones(n: int) -> int:
+    """A mask of the ``n`` low bits."""
+    return (1 << n) - 1
 
 
 @final
 class Page:
-    """One block of one file, resident in the cache."""
+    """``nblocks`` consecutive blocks of one file, resident in the cache."""
 
     __slots__ = (
+        "allocated",
         "data",
         "dirty",
         "index",
         "mapping",
+        "nblocks",
         "readahead",
-        "space",
-        "uptodate",
+        "reserved",
         "writeback",
     )
 
-    def __init__(self, mapping: Mapping, index: int, data: bytearray, space: int) -> None:
+    def __init__(
+        self, mapping: Mapping, index: int, data: bytearray, nblocks: int, allocated: int
+    ) -> None:
         self.mapping = mapping
-        self.index = index
+        self.index = index  # the first block
+        self.nblocks = nblocks
         self.data = data
-        self.uptodate = True
-        self.dirty = False
-        self.writeback = False
-        self.space = space
+        self.dirty = 0  # per-block masks
+        self.writeback = 0
+        self.reserved = 0
+        self.allocated = allocated
         self.readahead = False
 
     def __repr__(self) -> str:
-        flags = [n for n in ("dirty", "writeback", "readahead") if getattr(self, n)]
+        flags = [f"{n}={getattr(self, n):#x}" for n in ("dirty", "writeback") if getattr(self, n)]
+        if self.readahead:
+            flags.append("readahead")
         return (
-            f"<Page ino={self.mapping.inode.ino} index={self.index} "
-            f"{SPACE_NAMES[self.space]} {' '.join(flags)}>"
+            f"<Page ino={self.mapping.inode.ino} blocks={self.index}+{self.nblocks} "
+            f"allocated={self.allocated:#x} reserved={self.reserved:#x} {' '.join(flags)}>"
         )
+
+    @property
+    def end(self) -> int:
+        return self.index + self.nblocks
+
+    def mask(self, first: int, end: int) -> int:
+        """The bits of the blocks of [first, end) this page covers."""
+        lo = max(first, self.index) - self.index
+        hi = min(end, self.index + self.nblocks) - self.index
+        return ones(hi - lo) << lo if hi > lo else 0
+
+    def bit(self, index: int) -> int:
+        return 1 << (index - self.index)
+
+    def space_at(self, index: int) -> int:
+        """``UNALLOCATED``, ``RESERVED`` or ``ALLOCATED``: block ``index``'s space."""
+        bit = 1 << (index - self.index)
+        if self.allocated & bit:
+            return ALLOCATED
+        return RESERVED if self.reserved & bit else UNALLOCATED
+
+    def is_dirty(self, index: int) -> bool:
+        return bool(self.dirty >> (index - self.index) & 1)
+
+    def under_writeback(self, index: int) -> bool:
+        return bool(self.writeback >> (index - self.index) & 1)
+
+    def view(self, first: int, end: int, block_size: int) -> memoryview:
+        """The bytes of blocks [first, end) ∩ this page."""
+        lo = max(first, self.index) - self.index
+        hi = min(end, self.index + self.nblocks) - self.index
+        return memoryview(self.data)[lo * block_size : hi * block_size]
 
 
 @final
@@ -98,7 +180,7 @@ class Fill:
     A page created in that range after the fill began (by a write) and then
     evicted leaves no trace in the mapping, so the fill would insert data
     older than what the cache already handed out.  Eviction marks such
-    indices ``stale`` and the fill does not insert them — the job the kernel
+    blocks ``stale`` and the fill does not insert them — the job the kernel
     does by inserting locked pages before the read.
     """
 
@@ -130,9 +212,9 @@ class Mapping:
         self.inode = inode
         self.pages: PageIndex[Page] = PageIndex()
         self.lock = PagecacheLock(enabled=lock_enabled)
-        self.nr_dirty = 0
+        self.nr_dirty = 0  # blocks, as every count here
         self.nr_writeback = 0
-        self.nr_reserved = 0  # RESERVED pages: counted in st_blocks like delalloc
+        self.nr_reserved = 0  # RESERVED blocks: counted in st_blocks like delalloc
         # When the mapping last went from clean to dirty (the kernel's
         # inode->dirtied_when): the flusher's age test.
         self.dirtied_when = 0.0
@@ -149,11 +231,12 @@ class Mapping:
 
     def __repr__(self) -> str:
         return (
-            f"<Mapping ino={self.inode.ino} pages={len(self.pages)} dirty={self.nr_dirty} "
+            f"<Mapping ino={self.inode.ino} blocks={len(self.pages)} dirty={self.nr_dirty} "
             f"writeback={self.nr_writeback} lock={self.lock!r}>"
         )
 
     def get(self, index: int) -> Page | None:
+        """The page holding block ``index``, if it is cached."""
         return self.pages.get(index)
 
     def fill_at(self, index: int) -> Fill | None:
@@ -183,15 +266,27 @@ class Mapping:
         fill.done.set()
 
     def range(self, first: int, end: int) -> Iterator[Page]:
-        """The resident pages with first <= index < end, in order."""
+        """The resident pages holding blocks of [first, end), in order, each once."""
         if end <= first:
             return iter(())
         return iter(list(self.pages.values_in(first, end - 1)))
 
+    def dirty_in(self, first: int, end: int) -> bool:
+        """Whether a block of [first, end) is dirty."""
+        if not self.nr_dirty:
+            return False
+        return any(p.dirty & p.mask(first, end) for p in self.range(first, end))
+
+    def writeback_in(self, first: int, end: int) -> bool:
+        """Whether a page holding a block of [first, end) has blocks under writeback
+        (anywhere in it: a page cut by a range drop must be idle to be split)."""
+        return self.nr_writeback > 0 and any(p.writeback for p in self.range(first, end))
+
 
 @dataclass(frozen=True, slots=True)
 class PageCacheStatistics:
-    pages: int
+    pages: int  # blocks cached (4 KiB units at 4 KiB blocks)
+    folios: int  # page objects holding them
     memory_bytes: int
     limit_bytes: int
     dirty: int
@@ -210,6 +305,7 @@ class PageCacheStatistics:
     writeback_errors: int
     writeback_unreserved: int
     throttled: int
+    splits: int
 
 
 @final
@@ -227,13 +323,14 @@ class PageCache:
         # The wait counters of the add locks of retired mappings (`retire_if_idle`),
         # so that the lock statistics stay cumulative.
         self.retired_lock_totals: dict[str, float] = {}
-        self.nr_pages = 0
+        self.nr_pages = 0  # blocks cached
+        self.nr_folios = 0  # Page objects
         self.nr_dirty = 0
         self.nr_writeback = 0
         self.nr_reserved = 0
         # Clean, idle pages in least-recently-used order (dict order).
         self.lru: OrderedDict[Page, None] = OrderedDict()
-        # One reservation for every RESERVED page: one block each.
+        # One reservation for every RESERVED block.
         self.reservation: Reservation = alloc.reserve(0)
         self.dirty_mappings: dict[Mapping, None] = {}
         # Woken when dirty pages become clean (writers throttled on the limit wait on it).
@@ -255,12 +352,13 @@ class PageCache:
                 "writeback_errors",
                 "writeback_unreserved",
                 "throttled",
+                "splits",
             ),
             0,
         )
 
     def __repr__(self) -> str:
-        return f"<PageCache pages={self.nr_pages}/{self.max_pages} dirty={self.nr_dirty}>"
+        return f"<PageCache blocks={self.nr_pages}/{self.max_pages} dirty={self.nr_dirty}>"
 
     def _set_limits(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
@@ -272,7 +370,7 @@ class PageCache:
         """Change ``cache_size`` while mounted (``.fusefs/cache_size``): clean
         pages over the new limit are evicted at once, dirty ones as writeback
         cleans them (writers throttle on the new dirty limit).  Returns the
-        pages evicted."""
+        blocks evicted."""
         self._set_limits(limit_bytes)
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
@@ -284,6 +382,7 @@ class PageCache:
         c = self.counters
         return PageCacheStatistics(
             pages=self.nr_pages,
+            folios=self.nr_folios,
             memory_bytes=self.nr_pages * self.block_size,
             limit_bytes=self.limit_bytes,
             dirty=self.nr_dirty,
@@ -302,6 +401,7 @@ class PageCache:
             writeback_errors=c["writeback_errors"],
             writeback_unreserved=c["writeback_unreserved"],
             throttled=c["throttled"],
+            splits=c["splits"],
         )
 
     # mappings:
@@ -356,38 +456,51 @@ class PageCache:
     # pages:
 
     def new_page(self, mapping: Mapping, index: int, space: int) -> Page:
-        """A zeroed page, not yet inserted (memory fault site ``pagecache_page``)."""
+        """A zeroed one-block page, not yet inserted (memory fault site ``pagecache_page``)."""
         return self.new_pages(mapping, index, 1, space)[0]
 
     def new_pages(
-        self, mapping: Mapping, first: int, count: int, space: int, data: memoryview | None = None
+        self,
+        mapping: Mapping,
+        first: int,
+        count: int,
+        space: int,
+        data: memoryview | None = None,
+        *,
+        limit: int = MAX_PAGE_BLOCKS,
     ) -> list[Page]:
-        """Pages for [first, first + count), not yet inserted: zeroed, or
-        holding ``data`` (``count`` blocks of it).  Each page's allocation is a
-        hit of the memory fault site ``pagecache_page``."""
-        buffers = alloc_pages("pagecache_page", self.block_size, count, init=data)
-        return [Page(mapping, first + i, buf, space) for i, buf in enumerate(buffers)]
+        """Pages for [first, first + count) (`pieces`), not yet inserted:
+        zeroed, or holding ``data`` (``count`` blocks of it).  Each page's
+        allocation is a hit of the memory fault site ``pagecache_page``."""
+        bs = self.block_size
+        out: list[Page] = []
+        for start, n in pieces(first, count, limit):
+            init = None if data is None else data[(start - first) * bs : (start - first + n) * bs]
+            (buf,) = alloc_pages("pagecache_page", n * bs, 1, init=init)
+            out.append(Page(mapping, start, buf, n, ones(n) if space == ALLOCATED else 0))
+        return out
+
+    def _store(self, page: Page) -> None:
+        """Put ``page`` in its mapping's index (its blocks are free there)."""
+        if page.nblocks == 1:
+            page.mapping.pages[page.index] = page
+        else:
+            page.mapping.pages.set_run(page.index, [page] * page.nblocks)
+        self.nr_pages += page.nblocks
+        self.nr_folios += 1
 
     def insert(self, page: Page) -> Page:
-        """Insert a filled page unless one is there already; return the resident one.
+        """Insert a filled one-block page unless one is there already; return
+        the resident one.
 
         Caller must hold the mapping's ADD side (or BLOCK, when it is the one
         changing the range).
         """
-        pages = page.mapping.pages
-        existing: Page | None = pages.get(page.index)
+        existing = page.mapping.pages.get(page.index)
         if existing is not None:
-            # One copy stays.  Keep readahead_issued == used + wasted + pages
-            # still flagged: a prefetched copy that loses is dropped unread; a
-            # prefetched page that wins goes to a read or write that uses it.
-            if page.readahead:
-                self.counters["readahead_wasted"] += 1
-            elif existing.readahead:
-                existing.readahead = False
-                self.counters["readahead_used"] += 1
+            self._lost(page, existing)
             return existing
-        pages[page.index] = page
-        self.nr_pages += 1
+        self._store(page)
         # Make room before the new page joins the LRU: when every other page is
         # dirty or under writeback it would be the only candidate, and a write
         # would then dirty a page no longer in the cache.  Over the limit until
@@ -397,47 +510,61 @@ class PageCache:
         self.lru[page] = None
         return page
 
+    def _lost(self, page: Page, existing: Page) -> None:
+        """``page`` was not inserted: ``existing`` got there first.  Keep
+        readahead_issued == used + wasted + blocks still flagged: a prefetched
+        copy that loses is dropped unread; a prefetched page that wins goes to a
+        read or write that uses it."""
+        if page.readahead:
+            self.counters["readahead_wasted"] += page.nblocks
+        elif existing.readahead:
+            existing.readahead = False
+            self.counters["readahead_used"] += existing.nblocks
+
     def insert_filled(
         self, mapping: Mapping, pages: list[Page], *, keep: bool = False
     ) -> list[Page]:
-        """`insert` for a fill's pages (clean, ascending indices): returns the
-        resident page at each index, the new one or one that got there first.
+        """`insert` for a fill's pages (clean, ascending): returns the resident
+        pages covering the fill's blocks, in order, each once -- the new ones,
+        or ones that got there first (possibly reaching past the fill).
 
-        With ``keep`` room is made from older pages only, before the new ones
-        join the LRU (as `insert` does), and the cache stays over its limit
-        when there is not enough: a writer's read-modify-write fill is about to
-        dirty its page, and a page evicted before that would take the write
-        with it.
+        A new page some of whose blocks got cached meanwhile is split into
+        one-block pages, the free ones inserted.  With ``keep`` room is made
+        from older pages only, before the new ones join the LRU (as `insert`
+        does), and the cache stays over its limit when there is not enough: a
+        writer's read-modify-write fill is about to dirty its page, and a page
+        evicted before that would take the write with it.
         """
-        index = mapping.pages
         if not pages:
             return []
+        index = mapping.pages
         first = pages[0].index
-        consecutive = pages[-1].index - first == len(pages) - 1
-        if consecutive:
-            present = index.get_run(first, len(pages))
-        else:  # a fill with stale pages left out
-            present = [index.get(page.index) for page in pages]
-        if consecutive and present.count(None) == len(pages):  # the usual case
-            index.set_run(first, pages)
+        end = pages[-1].end
+        added: list[Page] = []
+        resident: list[Page] = []
+        if index.first_present(first, end) == end and end - first == sum(
+            p.nblocks for p in pages
+        ):  # the usual case: nothing cached meanwhile, no gap
+            for page in pages:
+                self._store(page)
             added = resident = pages
         else:
-            counters = self.counters
-            resident = []
-            added = []
-            for page, existing in zip(pages, present, strict=True):
-                if existing is None:
-                    index[page.index] = page
+            for page in pages:
+                if index.first_present(page.index, page.end) == page.end:
+                    self._store(page)
                     added.append(page)
                     resident.append(page)
                     continue
-                if page.readahead:  # see insert
-                    counters["readahead_wasted"] += 1
-                elif existing.readahead:
-                    existing.readahead = False
-                    counters["readahead_used"] += 1
-                resident.append(existing)
-        self.nr_pages += len(added)
+                for single in self._split_copy(page, page.index, page.end, limit=1):
+                    existing = index.get(single.index)
+                    if existing is None:
+                        self._store(single)
+                        added.append(single)
+                        resident.append(single)
+                    else:
+                        self._lost(single, existing)
+                        if not resident or resident[-1] is not existing:
+                            resident.append(existing)
         lru = self.lru
         if keep and self.nr_pages > self.max_pages:
             self.evict(self.nr_pages - self.max_pages)  # before the new pages join the LRU
@@ -450,23 +577,19 @@ class PageCache:
         return resident
 
     def insert_dirty(self, mapping: Mapping, pages: list[Page]) -> None:
-        """Insert new pages a write has just filled, dirty, none of them cached.
+        """Insert new pages a write has just filled, every block dirty, none of
+        them cached.
 
         Caller must hold the mapping's ADD side, with no await since it
-        checked that the indices are free.
+        checked that the blocks are free.
         """
         if not pages:
             return
-        index = mapping.pages
+        n = 0
         for page in pages:
-            page.dirty = True
-        if pages[-1].index - pages[0].index == len(pages) - 1:
-            index.set_run(pages[0].index, pages)
-        else:
-            for page in pages:
-                index[page.index] = page
-        n = len(pages)
-        self.nr_pages += n
+            page.dirty = ones(page.nblocks)
+            self._store(page)
+            n += page.nblocks
         if not mapping.nr_dirty:
             mapping.dirtied_when = time.monotonic()
             self.dirty_mappings[mapping] = None
@@ -477,68 +600,82 @@ class PageCache:
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
 
-    def touch(self, page: Page) -> None:
-        """A hit: count it and move the page to the young end of the LRU."""
-        self.touch_pages([page])
+    def touch(self, page: Page, blocks: int = 1) -> None:
+        """A hit on ``blocks`` blocks of ``page``: count it and move the page to
+        the young end of the LRU."""
+        self.touch_pages((page,), blocks)
 
-    def touch_pages(self, pages: list[Page]) -> None:
-        """Hits on several pages: count them, count the first use of prefetched
-        ones, and move them to the young end of the LRU."""
-        self.counters["hits"] += len(pages)
+    def touch_pages(self, pages: Iterable[Page], blocks: int) -> None:
+        """Hits on ``blocks`` blocks of several pages: count them, count the
+        first use of prefetched pages, and move the pages to the young end of
+        the LRU."""
         lru = self.lru
         used = 0
         for page in pages:
             if page.readahead:
                 page.readahead = False
-                used += 1
+                used += page.nblocks
             if page in lru:
                 lru.move_to_end(page)
+        self.counters["hits"] += blocks
         if used:
             self.counters["readahead_used"] += used
 
+    def _unstore(self, page: Page) -> None:
+        """Take ``page`` out of its mapping's index and the LRU (no accounting
+        of its dirty or reserved blocks)."""
+        page.mapping.pages.clear_run(page.index, page.nblocks)
+        self.nr_pages -= page.nblocks
+        self.nr_folios -= 1
+        self.lru.pop(page, None)
+
     def _remove(self, page: Page) -> None:
         m = page.mapping
-        del m.pages[page.index]
-        self.nr_pages -= 1
-        self.lru.pop(page, None)
+        self._unstore(page)
         if page.readahead:
-            self.counters["readahead_wasted"] += 1
+            self.counters["readahead_wasted"] += page.nblocks
         if page.dirty:
-            page.dirty = False
-            self._clean(m, 1)
+            self._clean(m, page.dirty.bit_count())
+            page.dirty = 0
             self._wake_cleaned()
-        if page.space == RESERVED:
-            self._unreserve(page)
+        if page.reserved:
+            self.unreserve(page, page.reserved)
 
     def evict(self, count: int) -> int:
-        """Evict up to ``count`` clean, idle pages, oldest first."""
+        """Evict clean, idle pages, oldest first, until ``count`` blocks are
+        gone or none is left; returns the blocks evicted."""
         lru = self.lru
-        done = min(count, len(lru))
+        done = 0
         wasted = 0
-        # Pages leave their mapping's index a stretch of consecutive indices
-        # at a time (pages read or written together age together).
+        # Pages leave their mapping's index a stretch of consecutive blocks at
+        # a time (pages read or written together age together).
         run_map: Mapping | None = None
         run_first = run_end = 0
         emptied: list[Mapping] = []  # mappings that lost pages: retired if now empty
-        for _ in range(done):
+        nfolios = 0
+        while done < count and lru:
             page, _ = lru.popitem(last=False)
             m = page.mapping
             index = page.index
+            n = page.nblocks
             for fill in m.fills:
-                if fill.first <= index < fill.end:
-                    fill.stale.add(index)
+                if fill.first < index + n and index < fill.end:
+                    fill.stale.update(range(max(fill.first, index), min(fill.end, index + n)))
             if m is run_map and index == run_end:
-                run_end += 1
+                run_end += n
             else:
                 if run_map is not None:
                     run_map.pages.clear_run(run_first, run_end - run_first)
                     emptied.append(run_map)
-                run_map, run_first, run_end = m, index, index + 1
-            wasted += page.readahead
-            # LRU pages are clean and idle; a clean page over a hole may
+                run_map, run_first, run_end = m, index, index + n
+            if page.readahead:
+                wasted += n
+            # LRU pages are clean and idle; a clean block over a hole may
             # still hold a reservation (after a failed writeback).
-            if page.space == RESERVED:
-                self._unreserve(page)
+            if page.reserved:
+                self.unreserve(page, page.reserved)
+            done += n
+            nfolios += 1
         if run_map is not None:
             run_map.pages.clear_run(run_first, run_end - run_first)
             emptied.append(run_map)
@@ -546,83 +683,158 @@ class PageCache:
             if not m.pages:
                 self.retire_if_idle(m)
         self.nr_pages -= done
+        self.nr_folios -= nfolios
         self.counters["readahead_wasted"] += wasted
         self.counters["evictions"] += done
         return done
 
+    def _split_copy(self, page: Page, first: int, end: int, *, limit: int) -> list[Page]:
+        """New pages holding blocks [first, end) of ``page`` (`pieces` of at
+        most ``limit`` blocks), with their bytes and per-block state; ``page``
+        is not changed.  One hit of the memory fault site ``pagecache_split``
+        per new page."""
+        bs = self.block_size
+        out: list[Page] = []
+        for start, n in pieces(first, end - first, limit):
+            rel = start - page.index
+            init = memoryview(page.data)[rel * bs : (rel + n) * bs]
+            (buf,) = alloc_pages("pagecache_split", n * bs, 1, init=init)
+            new = Page(page.mapping, start, buf, n, page.allocated >> rel & ones(n))
+            new.dirty = page.dirty >> rel & ones(n)
+            new.reserved = page.reserved >> rel & ones(n)
+            new.readahead = page.readahead
+            out.append(new)
+        return out
+
+    def _replace(self, page: Page, parts: list[Page]) -> None:
+        """Put ``parts`` (from `_split_copy`, their dirty and reserved blocks
+        moved over) in place of ``page``, which goes.  Blocks of ``page`` no
+        part covers are dropped with their dirty and reserved state."""
+        m = page.mapping
+        self._unstore(page)
+        self.counters["splits"] += 1
+        kept_dirty = kept_reserved = 0
+        for part in parts:
+            self._store(part)
+            kept_dirty |= part.dirty << (part.index - page.index)
+            kept_reserved |= part.reserved << (part.index - page.index)
+            if not part.dirty:
+                self.lru[part] = None
+        gone_dirty = page.dirty & ~kept_dirty
+        if gone_dirty:
+            self._clean(m, gone_dirty.bit_count())
+            self._wake_cleaned()
+        gone_reserved = page.reserved & ~kept_reserved
+        if gone_reserved:
+            self.unreserve(page, gone_reserved)
+        if page.readahead:
+            dropped = page.nblocks - sum(p.nblocks for p in parts)
+            self.counters["readahead_wasted"] += dropped
+
     def drop_range(
         self, mapping: Mapping, first: int, end: int | None, *, discard_dirty: bool
     ) -> int:
-        """Remove the pages of [first, end) from the cache.
+        """Remove the blocks [first, end) from the cache; returns how many there were.
 
         Caller must hold the mapping's BLOCK side and have waited for writeback
-        in the range.  Dirty pages are written back first by callers that keep
-        the data; ``discard_dirty`` says that losing them is the point
-        (truncate, punch, a deleted file).
+        of every page in the range (`wait_writeback`: a page cut by the range
+        is split, and must be idle whole).  Dirty blocks are written back first
+        by callers that keep the data; ``discard_dirty`` says that losing them
+        is the point (truncate, punch, a deleted file).  Pages cut by the range
+        keep the blocks outside it: their copies are made before anything
+        changes, so an allocation failure (``pagecache_split``) changes nothing.
         """
-        last = None if end is None else end - 1
-        keys = list(mapping.pages.irange(first, last))
-        dropped = 0
-        for index in keys:
-            page = mapping.pages[index]
+        stop = (1 << 62) if end is None else end
+        if stop <= first:
+            return 0
+        pages = list(mapping.range(first, stop))
+        splits: list[tuple[Page, list[Page]]] = []
+        for page in pages:
             if page.writeback:
                 raise RuntimeError(f"drop_range: {page!r} is under writeback")
-            if page.dirty and not discard_dirty:
+            inside = page.mask(first, stop)
+            if page.dirty & inside and not discard_dirty:
                 raise RuntimeError(f"drop_range: {page!r} is dirty")
-            self._remove(page)
-            dropped += 1
+            if page.index < first or page.end > stop:
+                parts: list[Page] = []
+                if page.index < first:
+                    parts += self._split_copy(page, page.index, first, limit=page.nblocks)
+                if page.end > stop:
+                    parts += self._split_copy(page, stop, page.end, limit=page.nblocks)
+                splits.append((page, parts))
+        dropped = 0
+        split_pages = {id(page): parts for page, parts in splits}
+        for page in pages:
+            parts = split_pages.get(id(page), [])
+            dropped += page.nblocks - sum(p.nblocks for p in parts)
+            if parts:
+                self._replace(page, parts)
+            else:
+                self._remove(page)
         return dropped
 
     def drop_clean(self) -> int:
         """drop_caches: remove every clean, idle page."""
-        return self.evict(len(self.lru))
+        return self.evict(self.nr_pages)
 
     # dirty state and reservations:
 
-    def reserve(self, page: Page) -> None:
-        """Give a hole page its block of reservation; NoSpace if there is none."""
-        if page.space != UNALLOCATED:
-            return
-        self.reservation.add(1)
-        page.space = RESERVED
-        self.nr_reserved += 1
-        page.mapping.nr_reserved += 1
-
-    def allocated_pages(self, mapping: Mapping, pages: list[Page]) -> None:
-        """`allocated` for reserved pages of ``mapping`` whose reservation an
-        allocation consumed."""
-        for page in pages:
-            page.space = ALLOCATED
-        self.nr_reserved -= len(pages)
-        mapping.nr_reserved -= len(pages)
+    def reserve(self, page: Page, mask: int) -> None:
+        """Give the hole blocks of ``mask`` in ``page`` their block of
+        reservation each; NoSpace (and nothing reserved) if there is not enough."""
+        self.reserve_blocks(page.mapping, [(page, mask)])
 
     def reserve_pages(self, mapping: Mapping, pages: list[Page]) -> None:
-        """`reserve` for several unallocated pages of ``mapping``, all or none."""
-        if not pages:
+        """`reserve` every hole block of ``pages`` (of ``mapping``), all or none."""
+        self.reserve_blocks(mapping, [(p, ones(p.nblocks)) for p in pages])
+
+    def reserve_blocks(self, mapping: Mapping, blocks: list[tuple[Page, int]]) -> None:
+        """`reserve` the hole blocks among (page, mask) of ``mapping``, all or none."""
+        holes = [(p, mask & ~(p.allocated | p.reserved)) for p, mask in blocks]
+        n = sum(mask.bit_count() for _, mask in holes)
+        if not n:
             return
-        self.reservation.add(len(pages))
-        for page in pages:
-            page.space = RESERVED
-        self.nr_reserved += len(pages)
-        mapping.nr_reserved += len(pages)
+        self.reservation.add(n)
+        for page, mask in holes:
+            page.reserved |= mask
+        self.nr_reserved += n
+        mapping.nr_reserved += n
 
-    def _unreserve(self, page: Page) -> None:
-        self.reservation.release(1)
-        page.space = UNALLOCATED
-        self.nr_reserved -= 1
-        page.mapping.nr_reserved -= 1
+    def allocated_blocks(self, mapping: Mapping, blocks: list[tuple[Page, int]]) -> None:
+        """The reserved blocks (page, mask) of ``mapping`` got blocks from an
+        allocation that consumed their reservation."""
+        n = 0
+        for page, mask in blocks:
+            page.allocated |= mask
+            page.reserved &= ~mask
+            n += mask.bit_count()
+        self.nr_reserved -= n
+        mapping.nr_reserved -= n
 
-    def mark_dirty(self, page: Page) -> None:
-        if page.dirty:
+    def unreserve(self, page: Page, mask: int) -> None:
+        """Give back the reservation of the reserved blocks of ``mask``."""
+        mask &= page.reserved
+        n = mask.bit_count()
+        self.reservation.release(n)
+        page.reserved &= ~mask
+        self.nr_reserved -= n
+        page.mapping.nr_reserved -= n
+
+    def mark_dirty(self, page: Page, mask: int) -> None:
+        """The blocks of ``mask`` in ``page`` are newer than the device now."""
+        new = mask & ~page.dirty
+        if not new:
             return
         m = page.mapping
-        page.dirty = True
+        if not page.dirty:
+            self.lru.pop(page, None)
+        page.dirty |= new
+        n = new.bit_count()
         if not m.nr_dirty:
             m.dirtied_when = time.monotonic()
             self.dirty_mappings[m] = None
-        m.nr_dirty += 1
-        self.nr_dirty += 1
-        self.lru.pop(page, None)
+        m.nr_dirty += n
+        self.nr_dirty += n
         if self.nr_dirty >= self.background_limit:
             self.kick.set()
 
@@ -632,34 +844,34 @@ class PageCache:
         if m.nr_dirty == 0:
             self.dirty_mappings.pop(m, None)
 
-    def start_writeback(self, pages: list[Page]) -> None:
-        """The pages (dirty, of one mapping) go under writeback and are no longer dirty."""
-        m = pages[0].mapping
-        for page in pages:
-            page.dirty = False
-            page.writeback = True
-        self._clean(m, len(pages))
-        m.nr_writeback += len(pages)
-        self.nr_writeback += len(pages)
+    def start_writeback(self, m: Mapping, blocks: list[tuple[Page, int]]) -> None:
+        """The dirty blocks (page, mask) of ``m`` go under writeback and are no
+        longer dirty."""
+        n = 0
+        for page, mask in blocks:
+            page.dirty &= ~mask
+            page.writeback |= mask
+            n += mask.bit_count()
+        self._clean(m, n)
+        m.nr_writeback += n
+        self.nr_writeback += n
 
-    def end_writeback(self, pages: list[Page], *, failed: bool) -> None:
-        """Writeback of the pages (of one mapping, consecutive) is over; a
-        failed one leaves them dirty."""
-        m = pages[0].mapping
-        m.nr_writeback -= len(pages)
-        self.nr_writeback -= len(pages)
+    def end_writeback(self, m: Mapping, blocks: list[tuple[Page, int]], *, failed: bool) -> None:
+        """Writeback of the blocks (page, mask) of ``m`` is over; a failed one
+        leaves them dirty."""
+        n = 0
         lru = self.lru
-        if failed:
-            for page in pages:
-                page.writeback = False
-                self.mark_dirty(page)
-        else:
-            # Still cached (not dropped or replaced meanwhile) and clean: to the LRU.
-            resident = m.pages.get_run(pages[0].index, len(pages))
-            for page, now in zip(pages, resident, strict=True):
-                page.writeback = False
-                if now is page and not page.dirty:
-                    lru[page] = None
+        pages = m.pages
+        for page, mask in blocks:
+            page.writeback &= ~mask
+            n += mask.bit_count()
+            if failed:
+                self.mark_dirty(page, mask)
+            elif not page.dirty and not page.writeback and pages.get(page.index) is page:
+                # Still cached (not dropped meanwhile) and idle: to the LRU.
+                lru[page] = None
+        m.nr_writeback -= n
+        self.nr_writeback -= n
         # Dirty pages may have pushed the cache over its limit (one write can
         # dirty more than the limit); clean, they are evictable again.
         if self.nr_pages > self.max_pages:
@@ -677,27 +889,38 @@ class PageCache:
         await self._cleaned.wait()
 
     def check(self) -> None:
-        """Verify the accounting (tests): counts, LRU membership, reservations."""
-        pages = dirty = wb = reserved = 0
+        """Verify the accounting (tests): counts, page layout, LRU membership,
+        reservations."""
+        blocks = folios = dirty = wb = reserved = 0
         for m in self.mappings.values():
             md = mw = 0
             for index, page in m.pages.items():
-                assert page.index == index
                 assert page.mapping is m
-                pages += 1
-                md += page.dirty
-                mw += page.writeback
-                reserved += page.space == RESERVED
+                assert page.index <= index < page.end, f"{page!r} at block {index}"
+                blocks += 1
+                if index != page.index:
+                    continue
+                n = page.nblocks
+                assert n & (n - 1) == 0, f"{page!r}: size not a power of two"
+                assert page.index % n == 0, f"{page!r}: not aligned to its size"
+                assert len(page.data) == n * self.block_size
+                assert not (page.allocated & page.reserved), f"{page!r}: two space states"
+                assert (page.dirty | page.writeback | page.allocated | page.reserved) >> n == 0
+                folios += 1
+                md += page.dirty.bit_count()
+                mw += page.writeback.bit_count()
+                reserved += page.reserved.bit_count()
                 idle = not page.dirty and not page.writeback
                 assert (page in self.lru) == idle, f"{page!r}: LRU membership wrong"
             assert m.nr_dirty == md, f"{m!r}: dirty count {m.nr_dirty} != {md}"
             assert m.nr_writeback == mw
             dirty += md
             wb += mw
-        assert pages == self.nr_pages, f"page count {self.nr_pages} != {pages}"
+        assert blocks == self.nr_pages, f"block count {self.nr_pages} != {blocks}"
+        assert folios == self.nr_folios, f"page count {self.nr_folios} != {folios}"
         assert dirty == self.nr_dirty
         assert wb == self.nr_writeback
         assert reserved == self.nr_reserved
         assert self.reservation.remaining == reserved, (
-            f"reservation holds {self.reservation.remaining} blocks for {reserved} reserved pages"
+            f"reservation holds {self.reservation.remaining} blocks for {reserved} reserved blocks"
         )

@@ -1,5 +1,8 @@
 """The per-inode page index: block number -> page, with ordered range walks.
 
+A page of several blocks is stored at each of its blocks (`set_run`), so the
+page of any block is one lookup; `values_in` gives such a page once.
+
 A mapping needs two things of its index: O(1) get/insert/remove on the hot
 paths (a cache hit, a fill inserting hundreds of pages, eviction), and walks
 over [first, end) that cost the pages there, not the file (write back, drop,
@@ -187,11 +190,20 @@ class PageIndex(Generic[V]):
                     yield start + i
 
     def values_in(self, first: int, last: int | None = None) -> Iterator[V]:
-        """The values of the keys `irange` would give, in the same order."""
-        for _, slots in self._slices(first, last):
+        """The values of the keys `irange` would give, in the same order, a
+        value stored at a run of consecutive keys once (a page of several
+        blocks)."""
+        prev: V | None = None
+        expected = -1  # where the previous slice ended: a gap ends a run
+        for start, slots in self._slices(first, last):
+            if start != expected:
+                prev = None
             for value in slots:
-                if value is not None:
-                    yield value
+                if value is not prev:
+                    if value is not None:
+                        yield value
+                    prev = value
+            expected = start + len(slots)
 
     def __iter__(self) -> Iterator[int]:
         return self.irange(0)
@@ -200,11 +212,8 @@ class PageIndex(Generic[V]):
         return self.irange(0)
 
     def values(self) -> Iterator[V]:
-        chunks = self._chunks
-        for cno in self._order:
-            for value in chunks[cno]:
-                if value is not None:
-                    yield value
+        """Every value in key order, each run of one value once (`values_in`)."""
+        return self.values_in(0)
 
     def items(self) -> Iterator[tuple[int, V]]:
         chunks = self._chunks

@@ -27,14 +27,15 @@ more before the write comes back short or with ENOSPC (`fusefs.reclaim`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fusefs.errors import FsError, NoSpace
-from fusefs.extents import ExtentMap
+from fusefs.extents import Extent, ExtentMap
 from fusefs.faults import dynamic_fault, race_fault
 from fusefs.io import readahead
 from fusefs.io.writeback import balance_dirty_pages
-from fusefs.pagecache import ALLOCATED, UNALLOCATED, Fill, Mapping, Page
+from fusefs.pagecache import ALLOCATED, UNALLOCATED, Fill, Mapping, Page, ones
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem, Handle
@@ -57,12 +58,14 @@ async def fill_pages(
     """Read blocks [first, first + count) from the device and insert them as pages.
 
     Caller must hold the mapping's ADD side (or BLOCK).  Returns the resident
-    pages (the ones inserted, or ones that got there first).  ``fill`` is the
+    pages holding the range, in order, each once: the ones inserted, or ones
+    that got there first (which may reach past the range).  ``fill`` is the
     caller's registration of this range (`Mapping.start_fill`), if it made one
     ahead of time; it ends here either way.  ``for_write``: a writer's
     read-modify-write, whose page must stay resident (`PageCache.insert_filled`).
     """
     cache = fs.cache
+    bs = fs.block_size
     emap = mapping.inode.extents
     assert emap is not None
     pages = cache.new_pages(mapping, first, count, UNALLOCATED)
@@ -72,11 +75,14 @@ async def fill_pages(
         # A list: writeback may map blocks of this range while the device reads.
         for ext in list(emap.extents(first, first + count)):
             assert ext.pblk is not None
-            run = pages[ext.start - first : ext.start - first + ext.length]
-            for page in run:
-                page.space = ALLOCATED
+            end = ext.start + ext.length
+            views = []
+            for page in pages:
+                if page.index < end and ext.start < page.end:
+                    page.allocated |= page.mask(ext.start, end)
+                    views.append(page.view(ext.start, end, bs))
             if not ext.unwritten:  # preallocated blocks read as zeros
-                await fs.dev.read_into(ext.pblk, [page.data for page in run])
+                await fs.dev.read_into(ext.pblk, views)
         # The window the pagecache add lock closes: blocks read, pages not yet in.
         if readahead_pages:
             await race_fault("readahead_before_insert")
@@ -92,26 +98,54 @@ async def fill_pages(
     if not stale:
         resident = cache.insert_filled(mapping, pages, keep=for_write)
     else:
-        kept = [p for p in pages if p.index not in stale]
-        inserted = iter(cache.insert_filled(mapping, kept, keep=for_write))
-        resident = []
-        for page in pages:
-            if page.index not in stale:
-                resident.append(next(inserted))
-                continue
-            # Newer data was cached here meanwhile, and evicted: ours is older.
-            cache.counters["fill_stale"] += 1
-            if readahead_pages:
-                cache.counters["readahead_wasted"] += 1
-            page.readahead = False
-            resident.append(page)  # the reader may use it: its read overlapped
+        resident = _insert_fresh(fs, mapping, pages, stale, readahead_pages, for_write)
     if readahead_pages:
         cache.counters["readahead_issued"] += count
     return resident
 
 
+def _insert_fresh(
+    fs: Filesystem,
+    mapping: Mapping,
+    pages: list[Page],
+    stale: set[int],
+    readahead_pages: bool,
+    for_write: bool,
+) -> list[Page]:
+    """`insert_filled` for a fill some of whose blocks went stale (newer data
+    was cached there meanwhile, and evicted: ours is older).  The pages with
+    stale blocks are cut into one-block pages and those blocks left out; the
+    result still covers the whole range, the stale blocks by pages the reader
+    may use (its read overlapped) but the cache never holds."""
+    cache = fs.cache
+    pieces_: list[Page] = []
+    for page in pages:
+        if any(page.index <= i < page.end for i in stale):
+            pieces_ += cache._split_copy(page, page.index, page.end, limit=1)
+        else:
+            pieces_.append(page)
+    kept = [p for p in pieces_ if p.nblocks > 1 or p.index not in stale]
+    inserted = iter(cache.insert_filled(mapping, kept, keep=for_write))
+    resident: list[Page] = []
+    current: Page | None = None
+    for page in pieces_:
+        if page.nblocks == 1 and page.index in stale:
+            cache.counters["fill_stale"] += 1
+            if readahead_pages:
+                cache.counters["readahead_wasted"] += 1
+            page.readahead = False
+            resident.append(page)
+            continue
+        # The resident page holding this piece's first block: the next one
+        # insert_filled gave, unless the last one reaches over it already.
+        if current is None or not current.index <= page.index < current.end:
+            current = next(inserted)
+            resident.append(current)
+    return resident
+
+
 def _cached(fs: Filesystem, mapping: Mapping, offset: int, end: int) -> bytes | None:
-    """The bytes of [offset, end) if every page is cached, else None.
+    """The bytes of [offset, end) if every block is cached, else None.
 
     No lock and no await: pages are only removed by code that runs between
     awaits of this task, so a read that finds all its pages copies a
@@ -122,29 +156,38 @@ def _cached(fs: Filesystem, mapping: Mapping, offset: int, end: int) -> bytes | 
     first = offset // bs
     last = (end - 1) // bs
     pages = mapping.pages
-    head = offset - first * bs
-    if first == last:
-        page: Page | None = pages.get(first)
+    page: Page | None = pages.get(first)
+    if page is None:
+        return None
+    if last < page.index + page.nblocks:  # one page holds it all
+        fs.cache.touch(page, last + 1 - first)
+        head = offset - page.index * bs
+        return bytes(page.data[head : head + end - offset])
+    found = [page]
+    index = page.index + page.nblocks
+    while index <= last:
+        page = pages.get(index)
         if page is None:
             return None
-        fs.cache.touch(page)
-        return bytes(page.data[head : head + end - offset])
-    found = pages.get_run(first, last + 1 - first)
-    if None in found:
-        return None
-    resident: list[Page] = found  # type: ignore[assignment]  # no None left
-    fs.cache.touch_pages(resident)
-    return _gather(resident, head, end - offset)
+        found.append(page)
+        index += page.nblocks
+    fs.cache.touch_pages(found, last + 1 - first)
+    return _gather(found, offset - found[0].index * bs, end - offset, bs)
 
 
-def _gather(pages: list[Page], head: int, length: int) -> bytes:
+def _gather(pages: list[Page], head: int, length: int, block_size: int) -> bytes:
     """``length`` bytes from ``head`` into consecutive pages, copied once."""
-    if len(pages) == 1:
-        return bytes(pages[0].data[head : head + length])
-    tail = head + length - (len(pages) - 1) * len(pages[0].data)
-    parts: list[bytes | bytearray | memoryview] = [memoryview(pages[0].data)[head:]]
-    parts += [p.data for p in pages[1:-1]]
-    parts.append(memoryview(pages[-1].data)[:tail])
+    first = pages[0]
+    if len(pages) == 1 or head + length <= len(first.data):
+        return bytes(first.data[head : head + length])
+    parts: list[bytes | bytearray | memoryview] = [memoryview(first.data)[head:]]
+    left = length - (len(first.data) - head)
+    for page in pages[1:]:
+        if left <= len(page.data):
+            parts.append(memoryview(page.data)[:left])
+            break
+        parts.append(page.data)
+        left -= len(page.data)
     return b"".join(parts)
 
 
@@ -166,7 +209,7 @@ async def read(fs: Filesystem, handle: Handle, offset: int, size: int) -> bytes:
 async def _read_fill(
     fs: Filesystem, mapping: Mapping, inode: Inode, offset: int, size: int
 ) -> bytes:
-    """The slow path: some page is missing; fill under the ADD side."""
+    """The slow path: some block is missing; fill under the ADD side."""
     bs = fs.block_size
     cache = fs.cache
     async with mapping.lock.add():
@@ -176,14 +219,14 @@ async def _read_fill(
         first = offset // bs
         last = (end - 1) // bs
         pages = mapping.pages
-        out: list[Page] = []
+        out: list[Page] = []  # pages holding first..last, in order, each once
         index = first
         while index <= last:
             page: Page | None = pages.get(index)
             if page is not None:
-                cache.touch(page)
+                cache.touch(page, min(page.end, last + 1) - index)
                 out.append(page)
-                index += 1
+                index = page.end
                 continue
             fill = mapping.fill_at(index)
             if fill is not None:
@@ -194,9 +237,12 @@ async def _read_fill(
             # A run of misses: fill it with as few device reads as possible.
             stop = pages.first_present(index, mapping.next_fill(index, last + 1))
             cache.counters["misses"] += stop - index
-            out += await fill_pages(fs, mapping, index, stop - index)
-            index = stop
-        return _gather(out, offset - first * bs, end - offset)
+            got = await fill_pages(fs, mapping, index, stop - index)
+            if out and got and out[-1] is got[0]:
+                got = got[1:]  # a page that got there first, holding blocks of both
+            out += got
+            index = out[-1].end
+        return _gather(out, offset - out[0].index * bs, end - offset, bs)
 
 
 # write:
@@ -205,13 +251,14 @@ async def _read_fill(
 async def _page_for_write(
     fs: Filesystem, mapping: Mapping, emap: ExtentMap, index: int, size: int, *, whole: bool
 ) -> Page:
-    """The resident page at ``index``, or a new one: with its old contents when
-    the write covers only part of it (read-modify-write).
+    """The resident page holding block ``index``, or a new one-block page:
+    with the block's old contents when the write covers only part of it
+    (read-modify-write).
 
-    The page returned is in the mapping, and the caller dirties it before its
-    next await: a page a writer modifies is never one that eviction already
-    took out of the cache (its data would go with it), nor one a fill in
-    flight is about to replace.
+    The page returned is in the mapping, and the caller dirties the block
+    before its next await: a page a writer modifies is never one that eviction
+    already took out of the cache (its data would go with it), nor one a fill
+    in flight is about to replace.
     """
     cache = fs.cache
     bs = fs.block_size
@@ -247,28 +294,24 @@ async def _page_for_write(
 def _write_whole_pages(
     fs: Filesystem, mapping: Mapping, emap: ExtentMap, first: int, src: memoryview
 ) -> int:
-    """Write ``src`` over the whole pages from ``first`` on, with no await.
+    """Write ``src`` over the whole blocks from ``first`` on, with no await.
 
-    Cached pages are overwritten; missing ones are made from the new bytes
-    (nothing to read: every byte is replaced) and inserted dirty together.
-    Pages over holes are reserved together.  Returns the bytes written: short
-    if the filesystem fills up partway (the pages up to the first that could
-    not be reserved), `NoSpace` if not even the first page could be.
+    Cached blocks are overwritten in their pages; missing stretches get new
+    pages made from the new bytes (nothing to read: every byte is replaced),
+    inserted dirty together.  Blocks over holes are reserved together.
+    Returns the bytes written: short if the filesystem fills up partway (the
+    blocks before the first that could not be reserved), `NoSpace` if not
+    even the first block could be.
     """
     cache = fs.cache
     bs = fs.block_size
     count = len(src) // bs
+    end = first + count
     resident = mapping.pages
-    pages: list[Page] = []
-    fresh: list[Page] = []
-    cached: list[Page] = []
-    holes: list[Page] = []  # over a hole and not yet reserved
-    # Whether each block is mapped: the extents once, not a lookup per page.
-    mapped = list(emap.extents(first, first + count))
+    # Whether each block is mapped: the extents once, not a lookup per block.
+    mapped = list(emap.extents(first, end))
     whole = sum(e.length for e in mapped)
-    if (not whole or whole == count) and resident.first_present(first, first + count) == (
-        first + count
-    ):
+    if (not whole or whole == count) and resident.first_present(first, end) == end:
         # Nothing cached and all mapped or all holes (appending, rewriting a
         # file laid out before): new pages straight from the data.
         new = cache.new_pages(mapping, first, count, ALLOCATED if whole else UNALLOCATED, src)
@@ -276,50 +319,88 @@ def _write_whole_pages(
             if not whole:
                 cache.reserve_pages(mapping, new)
         except NoSpace:
-            pass  # page by page below, for the short write
+            pass  # block by block below, for the short write
         else:
             cache.insert_dirty(mapping, new)
             return count * bs
-    for index in range(first, first + count):
+    # The stretch in pieces: (page, mask) of cached pages, new pages for the gaps.
+    cached: list[tuple[Page, int]] = []
+    fresh: list[Page] = []
+    index = first
+    while index < end:
         page = resident.get(index)
-        if page is None:
-            if not whole or whole == count:
-                space = ALLOCATED if whole else UNALLOCATED
-            else:
-                space = UNALLOCATED if emap.pblk_of(index) is None else ALLOCATED
-            page = cache.new_page(mapping, index, space)
-            fresh.append(page)
-        else:
-            cached.append(page)
-        if page.space == UNALLOCATED:
-            holes.append(page)
-        pages.append(page)
-    cache.touch_pages(cached)
+        if page is not None:
+            cached.append((page, page.mask(index, end)))
+            index = page.end
+            continue
+        stop = resident.first_present(index, end)
+        for ext_first, ext_end, space in _spaces(mapped, index, stop):
+            fresh += cache.new_pages(mapping, ext_first, ext_end - ext_first, space)
+        index = stop
+    wanted = [(p, ones(p.nblocks)) for p in fresh] + cached
     try:
-        cache.reserve_pages(mapping, holes)
+        cache.reserve_blocks(mapping, wanted)
     except NoSpace:
-        got = 0
-        for page in holes:  # as many as there is room for, in order
-            try:
-                cache.reserve(page)
-            except NoSpace:
-                if page.index == first:
-                    raise
-                break
-            got += 1
-        if got < len(holes):
-            count = holes[got].index - first
-            pages = pages[:count]
-            fresh = [p for p in fresh if p.index < first + count]
-            cached = [p for p in cached if p.index < first + count]
-    for i, page in enumerate(pages):
-        page.data[:] = src[i * bs : (i + 1) * bs]
+        # Block by block, in order: write as far as there is room for, the
+        # blocks before the first hole block the filesystem has no block for.
+        room = _reserve_each(fs, wanted, end)
+        if room == first:
+            raise
+        if room < end:
+            return _write_whole_pages(fs, mapping, emap, first, src[: (room - first) * bs])
+    cache.touch_pages((p for p, _ in cached), sum(m.bit_count() for _, m in cached))
+    for page, mask in cached:
+        lo = max(first, page.index)
+        hi = min(end, page.end)
+        page.view(lo, hi, bs)[:] = src[(lo - first) * bs : (hi - first) * bs]
+        cache.mark_dirty(page, mask)
+    for page in fresh:
+        pos = (page.index - first) * bs
+        page.data[:] = src[pos : pos + len(page.data)]
     # Dirty the cached pages before inserting the new ones: inserting may
     # evict clean pages, and these are not clean any more.
-    for page in cached:
-        cache.mark_dirty(page)
     cache.insert_dirty(mapping, fresh)
     return count * bs
+
+
+def _spaces(mapped: list[Extent], first: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """[first, end) cut where the ``mapped`` extents (ascending) begin and
+    end: (first, end, ALLOCATED or UNALLOCATED) pieces."""
+    pos = first
+    for ext in mapped:
+        lo = max(ext.start, first)
+        hi = min(ext.start + ext.length, end)
+        if hi <= lo:
+            continue
+        if pos < lo:
+            yield pos, lo, UNALLOCATED
+        yield lo, hi, ALLOCATED
+        pos = hi
+    if pos < end:
+        yield pos, end, UNALLOCATED
+
+
+def _reserve_each(fs: Filesystem, blocks: list[tuple[Page, int]], end: int) -> int:
+    """`reserve` the hole blocks among (page, mask) one at a time, in block
+    order.  Returns ``end`` when every one got its block (they stay reserved),
+    else the first that could not (and gives back those it took)."""
+    cache = fs.cache
+    holes = sorted(
+        (p.index + i, p)
+        for p, mask in blocks
+        for i in range(p.nblocks)
+        if (mask & ~(p.allocated | p.reserved)) >> i & 1
+    )
+    taken: list[tuple[int, Page]] = []
+    for index, page in holes:
+        try:
+            cache.reserve(page, page.bit(index))
+        except NoSpace:
+            for got, owner in taken:
+                cache.unreserve(owner, owner.bit(got))
+            return index
+        taken.append((index, page))
+    return end
 
 
 async def _reclaim(fs: Filesystem, done: int) -> bool:
@@ -379,9 +460,11 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         page = await _page_for_write(
                             fs, mapping, emap, index, inode.size, whole=want == bs
                         )
-                        cache.reserve(page)
-                        page.data[start : start + want] = view[done : done + want]
-                        cache.mark_dirty(page)
+                        bit = 1 << (index - page.index)
+                        cache.reserve(page, bit)
+                        at = (index - page.index) * bs + start
+                        page.data[at : at + want] = view[done : done + want]
+                        cache.mark_dirty(page, bit)
                         n = want
                 except NoSpace:
                     if not reclaimed:

@@ -77,8 +77,8 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
     eof_pages = -(-handle.inode.size // fs.block_size)
     stop = min(last + 1 + ra.window, eof_pages)
     # Skip what is cached already at the front of the window.
-    while start < stop and start in mapping.pages:
-        start += 1
+    while start < stop and (page := mapping.pages.get(start)) is not None:
+        start = page.end
     if start >= stop:
         return
     ra.inflight_end = stop
@@ -103,7 +103,11 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
         # waits for the piece instead of reading it again.
         index = start
         while index < stop:
-            if index in mapping.pages or mapping.fill_at(index) is not None:
+            page = mapping.pages.get(index)
+            if page is not None:
+                index = page.end
+                continue
+            if mapping.fill_at(index) is not None:
                 index += 1
                 continue
             # Up to the next cached page or fill in flight, at most FILL_PAGES.

@@ -68,7 +68,7 @@ async def seek(fs: Filesystem, inode: Inode, offset: int, whence: int) -> int:
 def _pending(mapping: Mapping | None, index: int) -> bool:
     """Whether the cache holds data for block ``index`` that the device may not."""
     page = None if mapping is None else mapping.get(index)
-    return page is not None and (page.dirty or page.writeback)
+    return page is not None and bool((page.dirty | page.writeback) & page.bit(index))
 
 
 def _next_data(inode: Inode, mapping: Mapping | None, first: int, end: int) -> int | None:
@@ -83,8 +83,9 @@ def _next_data(inode: Inode, mapping: Mapping | None, first: int, end: int) -> i
         stop = end if found is None else found
         if stop > first:
             for page in mapping.pages.values_in(first, stop - 1):
-                if page.dirty or page.writeback:
-                    return page.index
+                pending = (page.dirty | page.writeback) & page.mask(first, stop)
+                if pending:
+                    return page.index + (pending & -pending).bit_length() - 1
     return found
 
 

@@ -79,10 +79,13 @@ async def _zero_eof_block(fs: Filesystem, mapping: Mapping, size: int) -> None:
     await wait_writeback(mapping, index, index + 1)
     page = mapping.get(index)
     if page is not None:
-        page.data[size % bs :] = bytes(bs - size % bs)
+        # Pages past the block were dropped (a page reaching past it split).
+        page.view(index, index + 1, bs)[size % bs :] = bytes(bs - size % bs)
         # The self-test site zeroes the device block in place under a dirty
         # page, as truncate once did: the stress tools must catch that.
-        if page.dirty and not dynamic_fault("truncate_zero_under_dirty_page", cls="error:selftest"):
+        if page.is_dirty(index) and not dynamic_fault(
+            "truncate_zero_under_dirty_page", cls="error:selftest"
+        ):
             # A failure leaves the page dirty (zeroed tail and all) and the
             # error on the mapping for fsync, as any writeback.
             await writeback_range(fs, mapping, index, index + 1, wait=True)

@@ -45,18 +45,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from fusefs.alloc import Run
+from fusefs.alloc import Run, place_runs
 from fusefs.errors import FsError, NoSpace
 from fusefs.extents import Extent
 from fusefs.faults import race_fault
-from fusefs.pagecache import (
-    ALLOCATED,
-    DIRTY_EXPIRE_SECONDS,
-    RESERVED,
-    UNALLOCATED,
-    Mapping,
-    Page,
-)
+from fusefs.pagecache import DIRTY_EXPIRE_SECONDS, Mapping, Page, ones
 
 if TYPE_CHECKING:
     from fusefs.filesystem import Filesystem
@@ -69,21 +62,42 @@ BATCH_PAGES = 1024  # pages of runs one device call (one worker-thread trip) car
 _END = 1 << 62  # past any page index
 
 
-def _next_dirty_run(mapping: Mapping, first: int, end: int) -> list[Page]:
-    """The first run of contiguous dirty pages not under writeback in [first, end),
-    at most MAX_RUN_PAGES long (no await: the run is written straight away)."""
+def _next_dirty_run(mapping: Mapping, first: int, end: int) -> list[tuple[Page, int]]:
+    """The first run of contiguous dirty blocks not under writeback in [first, end),
+    at most MAX_RUN_PAGES long, as (page, mask) pieces in block order (no
+    await: the run is written straight away)."""
     pages = mapping.pages
     for page in pages.values_in(first, end - 1):
-        if page.dirty and not page.writeback:
+        ready = page.dirty & ~page.writeback & page.mask(first, end)
+        if ready:
             break
     else:
         return []
-    run: list[Page] = []
-    for p in pages.get_run(page.index, min(MAX_RUN_PAGES, end - page.index)):
-        if p is None or not p.dirty or p.writeback:
+    run: list[tuple[Page, int]] = []
+    left = MAX_RUN_PAGES
+    index = page.index + (ready & -ready).bit_length() - 1  # its first such block
+    while True:
+        rel = index - page.index
+        ready = (page.dirty & ~page.writeback & page.mask(index, end)) >> rel
+        n = min((ready ^ (ready + 1)).bit_length() - 1, left)  # the ones from rel on
+        if n == 0:
             break
-        run.append(p)
+        run.append((page, ones(n) << rel))
+        left -= n
+        index += n
+        if index != page.end or not left or index >= end:
+            break
+        next_page = pages.get(index)
+        if next_page is None:
+            break
+        page = next_page
     return run
+
+
+def run_first(run: list[tuple[Page, int]]) -> int:
+    """The first block of a run of (page, mask) pieces."""
+    page, mask = run[0]
+    return page.index + (mask & -mask).bit_length() - 1
 
 
 async def writeback_range(
@@ -134,10 +148,12 @@ async def _write_runs(
                 if not run:
                     exhausted = True
                     break
-                budget -= len(run)
-                npages += len(run)
-                pos = run[-1].index + 1
-                io = _RunIO(run)
+                start = run_first(run)
+                count = sum(mask.bit_count() for _, mask in run)
+                pos = start + count
+                io = _RunIO(run, start, count)
+                budget -= count
+                npages += count
                 batch.append(io)
                 await _prepare(fs, mapping, io)
             if batch:
@@ -171,18 +187,23 @@ async def writeback_cyclic(fs: Filesystem, mapping: Mapping, max_pages: int) -> 
 
 
 async def wait_writeback(mapping: Mapping, first: int, end: int | None) -> None:
-    """Wait until no page of [first, end) is under writeback."""
+    """Wait until no page holding a block of [first, end) has a block under
+    writeback (a page the range cuts through is split by a drop, so it must be
+    idle whole)."""
     stop = end if end is not None else _END
-    while mapping.nr_writeback and any(p.writeback for p in mapping.range(first, stop)):
+    while mapping.writeback_in(first, stop):
         await mapping.writeback_done.wait()
 
 
 @dataclass(slots=True)
 class _RunIO:
-    """One run's writeback in flight: its pages (contiguous, under writeback),
-    the blocks allocated for its holes and the device writes it needs."""
+    """One run's writeback in flight: its blocks (contiguous, under writeback,
+    as (page, mask) pieces), the blocks allocated for its holes and the device
+    writes it needs."""
 
-    pages: list[Page]
+    blocks: list[tuple[Page, int]]
+    first: int
+    count: int
     new_runs: list[Run] = field(default_factory=list)
     placements: list[tuple[int, int, int]] = field(default_factory=list)
     writes: list[tuple[int, memoryview]] = field(default_factory=list)
@@ -190,28 +211,34 @@ class _RunIO:
 
 
 async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
-    """Take the run's pages under writeback, copy them, and allocate blocks for
+    """Take the run's blocks under writeback, copy them, and allocate blocks for
     its holes; a failure (ENOSPC without a reservation) finishes the run."""
     cache = fs.cache
     bs = fs.block_size
-    run = io.pages
+    run = io.blocks
+    first, count = io.first, io.count
     emap = mapping.inode.extents
     assert emap is not None
-    cache.start_writeback(run)
-    data = memoryview(b"".join(page.data for page in run))
-    first = run[0].index
+    cache.start_writeback(mapping, run)
+    data = memoryview(b"".join(page.view(first, first + count, bs) for page, _ in run))
     cache.counters["writeback_runs"] += 1
     try:
         await race_fault("writeback_before_lookup")
         # Which blocks are mapped now?  Holes need blocks.
-        mapped = list(emap.extents(first, first + len(run)))
-        holes = _holes(run, mapped)
-        reserved = [p for p in holes if p.space == RESERVED]
-        unreserved = len(holes) - len(reserved)
+        mapped = list(emap.extents(first, first + count))
+        holes = _holes(first, count, mapped)
+        reserved: list[tuple[Page, int]] = []
+        nreserved = 0
+        for page, mask in run:
+            got = page.reserved & mask & _mask_of(page, holes)
+            if got:
+                reserved.append((page, got))
+                nreserved += got.bit_count()
+        unreserved = sum(n for _, n in holes) - nreserved
         if unreserved:
             cache.counters["writeback_unreserved"] += unreserved
             log.error(
-                "writeback: inode %d: %d page(s) over holes without a reservation",
+                "writeback: inode %d: %d block(s) over holes without a reservation",
                 mapping.inode.ino,
                 unreserved,
             )
@@ -219,17 +246,17 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
             hint = _hint(fs, mapping.inode.ino, first)
             if unreserved:
                 # First, before anything is taken: on a full filesystem this
-                # may wait for a commit (`fusefs.reclaim`).  The run's pages
-                # are under writeback, so no BLOCK holder changes their blocks
+                # may wait for a commit (`fusefs.reclaim`).  The run's blocks
+                # are under writeback, so no BLOCK holder changes them
                 # meanwhile and the holes stay holes.
                 io.new_runs += await fs.reclaim.allocate(unreserved, hint=hint)
-            if reserved:
+            if nreserved:
                 io.new_runs += fs.alloc.allocate(
-                    len(reserved), reservation=cache.reservation, hint=hint
+                    nreserved, reservation=cache.reservation, hint=hint
                 )
                 # The reservation was consumed by allocate.
-                cache.allocated_pages(mapping, reserved)
-        io.placements = _place(holes, io.new_runs)
+                cache.allocated_blocks(mapping, reserved)
+        io.placements = place_runs(holes, io.new_runs)
     except FsError as e:
         _fail(fs, mapping, io, e)
         return
@@ -265,46 +292,46 @@ async def _submit(fs: Filesystem, mapping: Mapping, batch: list[_RunIO]) -> None
 def _finish(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
     emap = mapping.inode.extents
     assert emap is not None
-    run = io.pages
     for lblk, pblk, n in io.placements:
         emap.map(lblk, pblk, n)
-    emap.mark_written(run[0].index, len(run))
-    for p in run:
-        p.space = ALLOCATED
-    fs.cache.counters["writeback_pages"] += len(run)
+    emap.mark_written(io.first, io.count)
+    for page, mask in io.blocks:
+        page.allocated |= mask
+    fs.cache.counters["writeback_pages"] += io.count
     if io.placements:
         fs.mark_changed()
     io.finished = True
-    fs.cache.end_writeback(run, failed=False)
+    fs.cache.end_writeback(mapping, io.blocks, failed=False)
 
 
 def _fail(fs: Filesystem, mapping: Mapping, io: _RunIO, error: FsError | None) -> None:
     """Undo what the run did to the allocator and the reservations and leave its
-    pages dirty; ``error`` (None when cancelled) is recorded for fsync."""
+    blocks dirty; ``error`` (None when cancelled) is recorded for fsync."""
     cache = fs.cache
-    run = io.pages
     emap = mapping.inode.extents
     assert emap is not None
     for pblk, n in io.new_runs:
         fs.alloc.free_now(pblk, n)
-    # Pages whose reservation the run consumed take one again; if there is no
+    # Blocks whose reservation the run consumed take one again; if there is no
     # space left they stay unreserved (and dirty).
-    for p in run:
-        if p.space == ALLOCATED and emap.pblk_of(p.index) is None:
-            p.space = UNALLOCATED
-            with contextlib.suppress(FsError):
-                cache.reserve(p)
+    for page, mask in io.blocks:
+        for i in range(page.nblocks):
+            bit = 1 << i
+            if mask & page.allocated & bit and emap.pblk_of(page.index + i) is None:
+                page.allocated &= ~bit
+                with contextlib.suppress(FsError):
+                    cache.reserve(page, bit)
     io.finished = True
-    cache.end_writeback(run, failed=True)
+    cache.end_writeback(mapping, io.blocks, failed=True)
     if error is None:
         return
     cache.counters["writeback_errors"] += 1
     mapping.wb_failures += 1
     if mapping.error is None:
         mapping.error = error
-    ino, first, count = mapping.inode.ino, run[0].index, len(run)
+    ino, first, count = mapping.inode.ino, io.first, io.count
     if isinstance(error, NoSpace):
-        log.error("writeback: inode %d: ENOSPC, %d page(s) stay dirty", ino, count)
+        log.error("writeback: inode %d: ENOSPC, %d block(s) stay dirty", ino, count)
     else:
         log.error("writeback: inode %d blocks %d+%d: %s", ino, first, count, error)
 
@@ -317,48 +344,26 @@ def _hint(fs: Filesystem, ino: int, lblk: int) -> int | None:
     return None if prev is None else prev + 1
 
 
-def _holes(run: list[Page], mapped: list[Extent]) -> list[Page]:
-    """The pages of ``run`` outside the ``mapped`` extents (ascending, clipped to it)."""
-    if not mapped:
-        return run
-    first = run[0].index
-    holes: list[Page] = []
-    pos = 0
+def _holes(first: int, count: int, mapped: list[Extent]) -> list[tuple[int, int]]:
+    """The (lblk, n) stretches of [first, first + count) outside the ``mapped``
+    extents (ascending, clipped to it)."""
+    holes: list[tuple[int, int]] = []
+    pos = first
     for ext in mapped:
-        holes += run[pos : ext.start - first]
-        pos = ext.start - first + ext.length
-    holes += run[pos:]
+        if ext.start > pos:
+            holes.append((pos, ext.start - pos))
+        pos = ext.start + ext.length
+    if pos < first + count:
+        holes.append((pos, first + count - pos))
     return holes
 
 
-def _place(holes: list[Page], runs: list[Run]) -> list[tuple[int, int, int]]:
-    """Lay physical runs over the hole pages (sorted): (lblk, pblk, n) pieces."""
-    out: list[tuple[int, int, int]] = []
-    it = iter(runs)
-    rp, rn = 0, 0
-    i = 0
-    while i < len(holes):
-        # A stretch of consecutive indices, taken whole when it is one.
-        j = len(holes)
-        if holes[-1].index - holes[i].index != j - 1 - i:
-            j = i + 1
-            while j < len(holes) and holes[j].index == holes[j - 1].index + 1:
-                j += 1
-        lblk, left = holes[i].index, j - i
-        while left:
-            if rn == 0:
-                rp, rn = next(it)
-            n = min(left, rn)
-            if out and out[-1][0] + out[-1][2] == lblk and out[-1][1] + out[-1][2] == rp:
-                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
-            else:
-                out.append((lblk, rp, n))
-            lblk += n
-            rp += n
-            rn -= n
-            left -= n
-        i = j
-    return out
+def _mask_of(page: Page, stretches: list[tuple[int, int]]) -> int:
+    """The bits of ``page``'s blocks in the (lblk, n) ``stretches``."""
+    mask = 0
+    for lblk, n in stretches:
+        mask |= page.mask(lblk, lblk + n)
+    return mask
 
 
 async def balance_dirty_pages(fs: Filesystem) -> None:
@@ -426,7 +431,7 @@ async def write_and_drop(
     """
     await writeback_range(fs, mapping, first, end, wait=True)
     stop = _END if end is None else end
-    if mapping.nr_dirty and any(p.dirty for p in mapping.range(first, stop)):
+    if mapping.dirty_in(first, stop):
         error = mapping.error
         code = error.code if isinstance(error, FsError) else errno.EIO
         raise FsError(

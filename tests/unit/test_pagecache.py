@@ -30,7 +30,7 @@ from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.io.readahead import MAX_WINDOW
 from fusefs.io.writeback import MAX_RUN_PAGES, writeback_range
 from fusefs.namespace import ROOT_INO
-from fusefs.pagecache import ALLOCATED, RESERVED, Mapping, PageCache
+from fusefs.pagecache import ALLOCATED, MAX_PAGE_BLOCKS, RESERVED, Mapping, PageCache
 
 from .conftest import assert_fsck_clean
 
@@ -52,8 +52,15 @@ def check(fs: Filesystem) -> None:
         emap = m.inode.extents
         assert emap is not None
         for page in m.pages.values():
-            if page.dirty and not page.writeback and emap.pblk_of(page.index) is None:
-                assert page.space == RESERVED, f"{page!r} over a hole without a reservation"
+            for index in range(page.index, page.end):
+                if (
+                    page.is_dirty(index)
+                    and not page.under_writeback(index)
+                    and emap.pblk_of(index) is None
+                ):
+                    assert page.space_at(index) == RESERVED, (
+                        f"{page!r}: block {index} over a hole without a reservation"
+                    )
 
 
 def pattern(size: int, seed: int) -> bytes:
@@ -86,7 +93,7 @@ def resident(fs: Filesystem, ino: int) -> set[int]:
 
 def flagged(cache: PageCache) -> int:
     """Resident pages brought in by readahead and not read yet."""
-    return sum(p.readahead for m in cache.mappings.values() for p in m.pages.values())
+    return sum(p.nblocks for m in cache.mappings.values() for p in m.pages.values() if p.readahead)
 
 
 def assert_readahead_accounted(cache: PageCache) -> None:
@@ -211,15 +218,25 @@ async def test_lru_evicts_least_recently_used_clean_pages(small_fs: Filesystem) 
     assert fs.cache.nr_pages == 0
     evictions = fs.cache.statistics().evictions
 
-    assert await fs.read(fh, 0, 200 * BS) == data[: 200 * BS]  # pages 0-199
-    assert await fs.read(fh, 0, 50 * BS) == data[: 50 * BS]  # 0-49 young again
-    assert await fs.read(fh, 200 * BS, 100 * BS) == data[200 * BS :]  # 44 must go
+    # Blocks 0-199 in pages of 64, 64, 64 and 8 blocks (the largest aligned
+    # pieces of the fill).
+    assert await fs.read(fh, 0, 200 * BS) == data[: 200 * BS]
+    m = mapping_of(fs, ino)
+    assert [(p.index, p.nblocks) for p in m.pages.values()] == [
+        (0, 64),
+        (64, 64),
+        (128, 64),
+        (192, 8),
+    ]
+    assert await fs.read(fh, 0, 50 * BS) == data[: 50 * BS]  # page 0-63 young again
+    assert await fs.read(fh, 200 * BS, 100 * BS) == data[200 * BS :]  # 44 blocks must go
     check(fs)
     st = fs.cache.statistics()
-    assert st.evictions - evictions == 44
-    assert resident(fs, ino) == set(range(50)) | set(range(94, 300))  # 50-93 were oldest
-    # The cache's memory use against cache_size: exactly full, never over.
-    assert (st.pages, st.memory_bytes, st.limit_bytes) == (256, MiB, MiB)
+    # Eviction takes whole pages, oldest first: 64-127, the oldest, is enough.
+    assert st.evictions - evictions == 64
+    assert resident(fs, ino) == set(range(64)) | set(range(128, 300))
+    # The cache's memory use against cache_size: never over.
+    assert (st.pages, st.memory_bytes, st.limit_bytes) == (236, 236 * BS, MiB)
 
     # A read larger than the whole cache stays within it too.
     assert await fs.read(fh, 0, 300 * BS) == data
@@ -248,7 +265,10 @@ async def test_dirty_and_writeback_pages_are_never_evicted(small_fs: Filesystem)
     assert mx.nr_dirty == 100
     st = fs.cache.statistics()
     assert st.memory_bytes <= st.limit_bytes
-    assert len(resident(fs, y)) == 156
+    # y keeps its newest blocks, as many as fit in whole pages (room: 156).
+    kept = resident(fs, y)
+    assert kept == set(range(300 - len(kept), 300))
+    assert 156 - MAX_PAGE_BLOCKS < len(kept) <= 156
 
     # Now hold x's pages under writeback (the window before the extent map is
     # updated) and read y again.
@@ -342,7 +362,7 @@ async def test_a_write_into_a_hole_reserves_one_block_per_page(fs: Filesystem) -
     m = mapping_of(fs, ino)
     assert cache.nr_reserved == m.nr_reserved == cache.reservation.remaining == 5
     assert fs.alloc.statistics().reserved == reserved_before + 5
-    assert all(p.space == RESERVED for p in m.pages.values())
+    assert all(m.pages[i].space_at(i) == RESERVED for i in range(5))
     assert (await fs.getattr(ino)).blocks == 5 * BS // 512  # counted like delalloc
     # Writing the same pages again takes nothing more.
     assert await fs.write(fh, BS, data[BS : 3 * BS]) == 2 * BS
@@ -352,7 +372,7 @@ async def test_a_write_into_a_hole_reserves_one_block_per_page(fs: Filesystem) -
     await fs.sync_data()  # writeback consumes the reservation
     check(fs)
     assert cache.reservation.remaining == cache.nr_reserved == m.nr_reserved == 0
-    assert all(p.space == ALLOCATED for p in m.pages.values())
+    assert all(m.pages[i].space_at(i) == ALLOCATED for i in range(5))
     emap = fs.ns.inodes[ino].extents
     assert emap is not None
     assert emap.mapped_blocks() == 5
@@ -380,7 +400,7 @@ async def test_truncate_and_unlink_release_reservations(fs: Filesystem) -> None:
     await fs.setattr(ino, size=3 * BS + 100)
     check(fs)
     assert resident(fs, ino) == {0, 1, 2, 3}
-    assert not mapping_of(fs, ino).pages[3].dirty
+    assert not mapping_of(fs, ino).pages[3].is_dirty(3)
     assert cache.reservation.remaining == cache.nr_reserved == 3
     assert fs.alloc.statistics().reserved == reserved_before + 3
 
@@ -408,17 +428,17 @@ async def test_a_whole_page_stretch_over_mixed_pages(fs: Filesystem) -> None:
     m = mapping_of(fs, ino)
     fs.cache.drop_range(m, 5, 6, discard_dirty=False)  # 5: mapped, not cached
     await fs.write(fh, 4 * BS + 10, b"ab")  # 4: a dirty, reserved hole page
-    assert m.pages[4].space == RESERVED
+    assert m.pages[4].space_at(4) == RESERVED
     assert fs.cache.nr_reserved == 1
     new = pattern(8 * BS, 31)
     REGISTRY.control("name alloc_reserve oneshot")  # the bulk reservation fails once
     assert await fs.write(fh, 0, new) == 8 * BS
     assert REGISTRY.site("alloc_reserve").fired == 1
-    assert [m.pages[i].space for i in range(8)] == [ALLOCATED] * 4 + [RESERVED] + [ALLOCATED] + [
-        RESERVED
-    ] * 2
+    assert [m.pages[i].space_at(i) for i in range(8)] == [ALLOCATED] * 4 + [RESERVED] + [
+        ALLOCATED
+    ] + [RESERVED] * 2
     assert fs.cache.nr_reserved == 3
-    assert all(m.pages[i].dirty for i in range(8))
+    assert all(m.pages[i].is_dirty(i) for i in range(8))
     check(fs)
     assert await fs.read(fh, 0, 8 * BS) == new
     await fs.fsync(fh, False)
@@ -721,9 +741,9 @@ async def test_a_prefetched_page_a_write_takes_over_is_used(fs: Filesystem) -> N
         st = fs.cache.statistics()
         assert st.readahead_issued - base.readahead_issued >= 4
         assert not m.pages[33].readahead
-        # Nothing has read 32-35 yet: the one use is the write's, and the
-        # prefetched copy of 33 was not thrown away.
-        assert st.readahead_used - base.readahead_used == 1
+        # Nothing has read 32-35 yet: the one use is the write's (of the whole
+        # prefetched page holding 33), and the prefetched copy was not thrown away.
+        assert st.readahead_used - base.readahead_used == m.pages[33].nblocks
         assert st.readahead_wasted == base.readahead_wasted
         want = bytearray(data[32 * BS : 36 * BS])
         want[BS + 100 : BS + 103] = b"xyz"

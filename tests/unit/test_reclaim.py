@@ -351,9 +351,9 @@ async def test_writeback_without_a_reservation_reclaims(tiny_fs: Filesystem) -> 
     fh, ino = await create(fs, b"f")
     assert await fs.write(fh, 0, b"p" * BS) == BS
     page = fs.cache.mappings[ino].pages[0]
-    assert page.space == RESERVED
-    fs.cache._unreserve(page)
-    assert page.space == UNALLOCATED
+    assert page.space_at(0) == RESERVED
+    fs.cache.unreserve(page, page.bit(0))
+    assert page.space_at(0) == UNALLOCATED
     await fill(fs, b"big")  # its fsync writes back only its own pages
     await fs.unlink(ROOT_INO, b"big")
     await fs.fsync(fh, False)
