@@ -66,17 +66,19 @@ from benchmarks.bench_io import (
     CONTROL_DROP_CACHES,
     ROOT,
     BenchError,
+    KiB,
     Target,
     _on_sigterm,
     _read_line,
     create_stat_unlink,
+    daemon_pid,
     fusefs_mounted,
     fusefs_umount,
     nullfs_mounted,
     ratio,
+    vm_rss,
 )
 
-KiB: Final = 1024
 BIG_IMAGE_SIZE: Final = 1 << 40
 FILES_PER_DIR: Final = 1000
 SMALL_FILE: Final = b"m" * 100
@@ -137,14 +139,6 @@ def latency(samples_s: Sequence[float]) -> dict[str, float]:
         "max_ms": round(max(samples_s) * 1000, 3),
         "n": len(samples_s),
     }
-
-
-def parse_vmrss(status: str) -> int:
-    """VmRSS, in bytes, from the text of /proc/PID/status."""
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB$", status, re.MULTILINE)
-    if m is None:
-        raise ValueError("no VmRSS line")
-    return int(m.group(1)) * KiB
 
 
 def replayed_entries(log_text: str) -> int:
@@ -475,15 +469,11 @@ def make_entries(directory: Path, count: int) -> None:
 # the daemon:
 
 
-def daemon_pid(mountpoint: Path) -> int:
-    return int((mountpoint / ".fusefs" / "pid").read_text())
-
-
 def daemon_rss(mountpoint: Path, *, drop: bool = True) -> int:
     """The daemon's VmRSS in bytes, after ``.fusefs/drop_caches`` when `drop`."""
     if drop:
         (mountpoint / CONTROL_DROP_CACHES).write_text("1\n")
-    return parse_vmrss(Path(f"/proc/{daemon_pid(mountpoint)}/status").read_text())
+    return vm_rss(daemon_pid(mountpoint))
 
 
 # the large images:

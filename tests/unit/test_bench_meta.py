@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.bench_io import parse_vmrss
 from benchmarks.bench_meta import (
     format_table,
     fsync_rounds,
     latency,
     listdir_best,
-    parse_vmrss,
     percentile,
     replayed_entries,
     summarize,
