@@ -1,7 +1,7 @@
 """Metadata benchmark (issue 13): fusefs at 100,000 files and more, beside a plain
 directory and the null pyfuse3 filesystem, in one run.
 
-Targets, mounted with `benchmarks.bench_io`'s `fusefs_mounted` and `nullfs_mounted`:
+Targets, mounted with `benchmarks.targets`' `fusefs_mounted` and `nullfs_mounted`:
 
 - ``fusefs``: a new 2 GiB image through the real command line, mounted with
   ``-o cache_size=1M`` (``--fusefs-options``) so that the daemon's memory is
@@ -62,20 +62,18 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.bench_io import (
+from benchmarks.bench_io import _on_sigterm, create_stat_unlink, ratio
+from benchmarks.targets import (
     CONTROL_DROP_CACHES,
     ROOT,
     BenchError,
     KiB,
     Target,
-    _on_sigterm,
     _read_line,
-    create_stat_unlink,
     daemon_pid,
     fusefs_mounted,
     fusefs_umount,
     nullfs_mounted,
-    ratio,
     vm_rss,
 )
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from benchmarks.bench_io import parse_vmrss
 from benchmarks.bench_meta import (
     format_table,
     fsync_rounds,
@@ -20,6 +19,7 @@ from benchmarks.bench_meta import (
     summarize,
     table_rows,
 )
+from benchmarks.targets import parse_vmrss
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:

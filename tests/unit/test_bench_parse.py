@@ -19,7 +19,6 @@ from benchmarks.bench_io import (
     FioError,
     Goal,
     Outcome,
-    Target,
     Workload,
     parse_fio,
     print_report,
@@ -28,6 +27,7 @@ from benchmarks.bench_io import (
     round_ratios,
     summarize,
 )
+from benchmarks.targets import Target
 
 
 def fio_output(
