@@ -41,7 +41,7 @@ from typing import Any, Final
 import trio
 
 from benchmarks.bench_extents import traced_bytes
-from benchmarks.bench_io import BenchError, fusefs_mounted
+from benchmarks.targets import BenchError, fusefs_mounted
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.format import mkfs
 from fusefs.namespace import ROOT_INO

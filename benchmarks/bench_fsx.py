@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from benchmarks import run_main
-from benchmarks.bench_io import BenchError, fusefs_mounted
+from benchmarks.targets import BenchError, fusefs_mounted
 
 FSX: Final = [sys.executable, "-m", "tools.fsx"]
 _PASSED: Final = re.compile(r"all (\d+) ops passed in ([0-9.]+) s")

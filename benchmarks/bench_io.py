@@ -4,7 +4,7 @@ Three targets are set up side by side in a fresh temporary directory:
 
 - ``fusefs``: a new 2 GiB image, made and mounted through the real command line
   (``fusefs mkfs``, ``fusefs mount``; ``fusefs umount`` at the end, whatever happens);
-- ``nullfs``: `benchmarks.nullfs`, the floor any pyfuse3 filesystem can reach here;
+- ``nullfs``: `benchmarks.nullfs`, the ceiling of any pyfuse3 filesystem here;
 - ``plain``: a directory of the local filesystem that holds the temporary directory.
 
 fio (``ioengine=psync``, one job, parameters on the command line) runs each workload
@@ -14,27 +14,48 @@ means "through the filesystem's own cache, if it has one".
 
 | workload | what | against | goal |
 | --- | --- | --- | --- |
-| warm_randread_4k | 4 KiB random reads, warm 48 MiB file (fits the cache) | nullfs | >= 0.7 |
-| warm_seqread_1m | 1 MiB sequential reads of the warm file, looping | nullfs | >= 0.5 |
-| randwrite_4k | 4 KiB random writes over the 48 MiB file | nullfs | >= 0.5 |
-| seqwrite_1m | 1 MiB writes, new file several times the cache, fsync at end | plain | >= 0.5 |
-| cold_seqread_1m | 1 MiB reads of that file after dropping the caches | plain | >= 0.3 |
-| direct_write_1m | O_DIRECT 1 MiB sequential writes | plain | reported |
-| direct_read_1m | O_DIRECT 1 MiB sequential reads | plain | reported |
-| meta_10k | create + stat + unlink of 10,000 empty files (files/s) | plain, nullfs | reported |
+| warm_randread_4k | 4 KiB random reads, warm 48 MiB file (fits the cache) | nullfs | >= 0.9 |
+| warm_seqread_1m | 1 MiB sequential reads of the warm file, looping | nullfs | >= 0.9 every round |
+| randwrite_4k | 4 KiB random writes over the 48 MiB file | nullfs | >= 0.9 |
+| seqwrite_1m | 1 MiB writes, new file > the cache, fsync at end | plain, nullfs | plain >= 1.0 |
+| cold_seqread_1m | 1 MiB reads of that file, the caches dropped | plain, nullfs | plain >= 0.6 |
+| direct_write_1m | O_DIRECT 1 MiB sequential writes | plain, nullfs | reported |
+| direct_read_1m | O_DIRECT 1 MiB sequential reads | plain, nullfs | plain >= 0.8 |
+| meta_10k | create + stat + unlink, 10,000 empty files (files/s) | plain, nullfs | nullfs >= 0.9 |
+| cache_memory | the daemon's RSS growth with its cache full of clean pages | cache_size | <= 1.10 |
+
+Each ratio is fusefs's number divided by the reference's; the first reference named is
+the row's own (RESULT key ``<workload>``), the others get ``<workload>_vs_<target>``.
+A goal names the reference it is judged against (`Goal`): meta_10k is reported against
+the plain directory but judged against nullfs.  A goal is a lower bound, or an upper
+bound (``<=``: cache_memory).  It is judged on the ratio of the best numbers, or, for an
+``every round`` goal, on the worst round: round *i* of fusefs against round *i* of the
+reference, the worst of those ratios (RESULT key ``<key>_worst_round``).
+
+cache_memory runs on a fusefs of its own, mounted afresh for each round: the daemon's
+VmRSS (from ``/proc/PID/status``, the pid from ``.fusefs/pid``) with the cache just
+dropped, then after writing a file of twice ``.fusefs/cache_size`` with an fsync and
+reading it back once (the cache is then full of clean pages, which ``.fusefs/stats``
+must confirm).  Its number is the growth, full minus base, against ``cache_size``; the
+details have the overhead per cached 4 KiB page, and the RSS once half the cache's
+worth of new data has been written without an fsync (dirty pages, up to the dirty
+limit).  A fresh daemon, since RSS does not come back down when pages are dropped:
+the allocator keeps what was freed for the next pages.
 
 "Dropping the caches" is, for fusefs, writing ``1`` to ``.fusefs/drop_caches`` (when
 the file exists) and then dropping the host's page cache too -- the image is a file
 on the local disk, and a read it serves from the host's page cache is not cold; for
-the plain directory, ``sync; echo 3 > /proc/sys/vm/drop_caches``.  The host's page
-cache is dropped before fusefs's O_DIRECT reads as well, for the same reason, and
-before every round of ``seqwrite_1m`` on every target: with the host's cache full,
-each new page of the file (or of the image) costs reclaim first, and how full it is
-depends on what ran before.  What was
-done is printed with the results.
+the plain directory and nullfs, ``sync; echo 3 > /proc/sys/vm/drop_caches`` (nullfs
+keeps no data, only the sizes writes extend files to).  The host's page cache is
+dropped before fusefs's O_DIRECT reads as well, for the same reason, and before every
+round of ``seqwrite_1m`` on every target: with the host's cache full, each new page of
+the file (or of the image) costs reclaim first, and how full it is depends on what ran
+before.  What was done is printed with the results.
 
 Each number is the best of a few rounds (one with ``--quick``), the targets taking
-turns, since these machines are shared: see `Plan`.
+turns, since these machines are shared: see `Plan`.  The RESULT has every round's
+numbers (``raw.<workload>.rounds``) and every round's ratios, round against round
+(``raw.<workload>.round_ratios``), so the spread is there to see.
 
 Run: ``python -m benchmarks.bench_io [--quick] [--only W,..] [--keep]
 [--fusefs-options OPTS] [--mount-cmd CMD] [--dir DIR]`` (or ``scripts/bench``).  Prints a table,
@@ -48,10 +69,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import itertools
 import json
-import mmap
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -59,26 +79,65 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Literal
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+from benchmarks.targets import (
+    CONTROL_DROP_CACHES,
+    BenchError,
+    Target,
+    _last_line,
+    daemon_pid,
+    drop_fusefs_caches,
+    drop_host_caches,
+    fusefs_mounted,
+    nullfs_mounted,
+    o_direct_refusal,
+    parse_stats,
+    vm_rss,
+)
+
 MiB: Final = 1 << 20
 MB: Final = 1_000_000  # MB/s are decimal, as fio's bw_bytes
-IMAGE_SIZE: Final = "2G"
-MOUNT_TIMEOUT: Final = 150.0  # fusefs mount waits up to 120 s for its daemon
-UMOUNT_TIMEOUT: Final = 120.0
-NULLFS_READY_TIMEOUT: Final = 30.0
-CONTROL_DROP_CACHES: Final = ".fusefs/drop_caches"
-HOST_DROP_CACHES: Final = "/proc/sys/vm/drop_caches"
+CONTROL_CACHE_SIZE: Final = ".fusefs/cache_size"
+CONTROL_STATS: Final = ".fusefs/stats"
+CACHE_FULL: Final = 0.9  # cache_memory: the cache must hold this much of cache_size
+PATTERN: Final = bytes(range(256)) * (MiB // 256)  # what cache_memory writes
 
-Unit = Literal["IOPS", "MB/s", "files/s"]
+Unit = Literal["IOPS", "MB/s", "files/s", "MiB"]
 Direction = Literal["read", "write"]
 
 # the workloads:
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """The ratio fusefs must reach against `against`: at least `bound`, or at most
+    with `at_most`; on the best numbers, or with `every_round` on the worst round."""
+
+    bound: float
+    against: str  # a reference of the workload
+    at_most: bool = False  # an upper bound: smaller is better
+    every_round: bool = False
+
+    @property
+    def op(self) -> str:
+        return "<=" if self.at_most else ">="
+
+    def met(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        return value <= self.bound if self.at_most else value >= self.bound
+
+    def worst(self, ratios: Sequence[float | None]) -> float | None:
+        """The worst of the rounds' ratios; None unless every round has one."""
+        known = [r for r in ratios if r is not None]
+        if not known or len(known) < len(ratios):
+            return None
+        return max(known) if self.at_most else min(known)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,24 +145,64 @@ class Workload:
     name: str
     unit: Unit
     targets: tuple[str, ...]  # where it runs; fusefs first
-    reference: str  # the fusefs number is divided by this target's
-    goal: float | None  # the ratio to reach; None: reported only
+    reference: str  # the fusefs number is divided by this one's: a target, or cache_size
+    goal: Goal | None  # None: reported only
     file: str | None  # the data file it uses, removed after its last user has run
+    own_mount: bool = False  # on a fusefs mounted for it alone, afresh each round
+
+    def __post_init__(self) -> None:
+        if self.goal is not None and self.goal.against not in self.references:
+            raise ValueError(f"{self.name}: a goal against {self.goal.against}, not a reference")
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """What the fusefs number is divided by: `reference`, then the other targets."""
+        others = [t for t in self.targets if t not in ("fusefs", self.reference)]
+        return (self.reference, *others)
+
+    def ratio_key(self, reference: str) -> str:
+        """The RESULT key of the ratio against `reference`."""
+        return self.name if reference == self.reference else f"{self.name}_vs_{reference}"
+
+    @property
+    def smaller_is_better(self) -> bool:
+        return self.goal is not None and self.goal.at_most
 
 
 WARM_FILE: Final = "warm.dat"
 SUSTAINED_FILE: Final = "sustained.dat"
 DIRECT_FILE: Final = "direct.dat"
+CACHE_FILL_FILE: Final = "fill.dat"
+CACHE_DIRTY_FILE: Final = "dirty.dat"
+CACHE_SIZE: Final = "cache_size"  # cache_memory's reference: the cache's limit, not a target
 
+_WARM: Final = ("fusefs", "nullfs")
+_SUSTAINED: Final = ("fusefs", "plain", "nullfs")
 WORKLOADS: Final = (
-    Workload("warm_randread_4k", "IOPS", ("fusefs", "nullfs"), "nullfs", 0.7, WARM_FILE),
-    Workload("warm_seqread_1m", "MB/s", ("fusefs", "nullfs"), "nullfs", 0.5, WARM_FILE),
-    Workload("randwrite_4k", "IOPS", ("fusefs", "nullfs"), "nullfs", 0.5, WARM_FILE),
-    Workload("seqwrite_1m", "MB/s", ("fusefs", "plain"), "plain", 0.5, SUSTAINED_FILE),
-    Workload("cold_seqread_1m", "MB/s", ("fusefs", "plain"), "plain", 0.3, SUSTAINED_FILE),
-    Workload("direct_write_1m", "MB/s", ("fusefs", "plain"), "plain", None, DIRECT_FILE),
-    Workload("direct_read_1m", "MB/s", ("fusefs", "plain"), "plain", None, DIRECT_FILE),
-    Workload("meta_10k", "files/s", ("fusefs", "plain", "nullfs"), "plain", None, None),
+    Workload("warm_randread_4k", "IOPS", _WARM, "nullfs", Goal(0.9, "nullfs"), WARM_FILE),
+    Workload(
+        "warm_seqread_1m",
+        "MB/s",
+        _WARM,
+        "nullfs",
+        Goal(0.9, "nullfs", every_round=True),
+        WARM_FILE,
+    ),
+    Workload("randwrite_4k", "IOPS", _WARM, "nullfs", Goal(0.9, "nullfs"), WARM_FILE),
+    Workload("seqwrite_1m", "MB/s", _SUSTAINED, "plain", Goal(1.0, "plain"), SUSTAINED_FILE),
+    Workload("cold_seqread_1m", "MB/s", _SUSTAINED, "plain", Goal(0.6, "plain"), SUSTAINED_FILE),
+    Workload("direct_write_1m", "MB/s", _SUSTAINED, "plain", None, DIRECT_FILE),
+    Workload("direct_read_1m", "MB/s", _SUSTAINED, "plain", Goal(0.8, "plain"), DIRECT_FILE),
+    Workload("meta_10k", "files/s", _SUSTAINED, "plain", Goal(0.9, "nullfs"), None),
+    Workload(
+        "cache_memory",
+        "MiB",
+        ("fusefs",),
+        CACHE_SIZE,
+        Goal(1.10, CACHE_SIZE, at_most=True),
+        None,
+        own_mount=True,
+    ),
 )
 BY_NAME: Final = {w.name: w for w in WORKLOADS}
 TARGET_ORDER: Final = ("fusefs", "nullfs", "plain")
@@ -130,7 +229,11 @@ QUICK: Final = Plan(48 * MiB, 2, 256 * MiB, 256 * MiB, 10_000, rounds=1)
 # fio's JSON:
 
 
-class FioError(Exception):
+class MeasurementError(Exception):
+    """A measurement gave no usable number: reported, and the run goes on."""
+
+
+class FioError(MeasurementError):
     """fio ran but did not produce a usable result."""
 
 
@@ -183,12 +286,15 @@ def parse_fio(text: str, direction: Direction) -> FioResult:
 
 @dataclasses.dataclass
 class Outcome:
-    """One workload's numbers: fusefs's and its references'."""
+    """One workload's numbers: fusefs's and its references', best and per round."""
 
     workload: Workload
-    values: dict[str, float | None] = dataclasses.field(default_factory=dict)  # by target
+    values: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the best
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra raw numbers
     errors: list[str] = dataclasses.field(default_factory=list)
+    # Each round's number, by target (and by a reference that is no target, which
+    # the workload's step records itself).
+    rounds: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -198,239 +304,151 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def comparisons(outcome: Outcome) -> list[tuple[str, str, float | None]]:
-    """(ratio key, reference target, ratio) of an outcome: fusefs against each reference."""
+    """(ratio key, reference, ratio) of an outcome: fusefs against each reference."""
     w = outcome.workload
     fusefs = outcome.values.get("fusefs")
-    out = [(w.name, w.reference, ratio(fusefs, outcome.values.get(w.reference)))]
-    for other in w.targets:
-        if other not in ("fusefs", w.reference):
-            out.append((f"{w.name}_vs_{other}", other, ratio(fusefs, outcome.values.get(other))))
-    return out
+    return [(w.ratio_key(r), r, ratio(fusefs, outcome.values.get(r))) for r in w.references]
+
+
+def round_ratios(outcome: Outcome, reference: str) -> list[float | None]:
+    """fusefs against `reference` round by round: round i against round i.  A round
+    that one of them failed or missed has none."""
+    pairs = itertools.zip_longest(
+        outcome.rounds.get("fusefs", []), outcome.rounds.get(reference, [])
+    )
+    return [ratio(ours, theirs) for ours, theirs in pairs]
+
+
+def judged(outcome: Outcome) -> tuple[str, str, float | None] | None:
+    """(ratio key, reference, ratio) that the workload's goal is judged on, if it has one:
+    the ratio of the best numbers, or the worst round's (key ``..._worst_round``)."""
+    w = outcome.workload
+    if w.goal is None:
+        return None
+    against = w.goal.against
+    if not w.goal.every_round:
+        best = ratio(outcome.values.get("fusefs"), outcome.values.get(against))
+        return w.ratio_key(against), against, best
+    worst = w.goal.worst(round_ratios(outcome, against))
+    return f"{w.ratio_key(against)}_worst_round", against, worst
+
+
+def ratio_rows(outcome: Outcome) -> list[tuple[str, str, float | None]]:
+    """Every ratio of an outcome, as its rows in the table and its keys in RESULT."""
+    rows = comparisons(outcome)
+    goal_row = judged(outcome)
+    if goal_row is not None and goal_row[0] not in {key for key, _, _ in rows}:
+        rows.append(goal_row)
+    return rows
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def summarize(outcomes: Sequence[Outcome], **context: Any) -> dict[str, Any]:
     """The RESULT object: `context` (plan, notes, ...), then ratios, goals, raw numbers."""
     ratios: dict[str, float | None] = {}
     references: dict[str, str] = {}
-    goals: dict[str, float] = {}
+    bounds: dict[str, float] = {}
+    goals: dict[str, dict[str, Any]] = {}
     met: dict[str, bool] = {}
     raw: dict[str, dict[str, Any]] = {}
     for outcome in outcomes:
         w = outcome.workload
-        for key, reference, value in comparisons(outcome):
-            ratios[key] = None if value is None else round(value, 3)
+        for key, reference, value in ratio_rows(outcome):
+            ratios[key] = _rounded(value, 3)
             references[key] = reference
-        if w.goal is not None:
-            goals[w.name] = w.goal
-            value = ratios[w.name]
-            met[w.name] = value is not None and value >= w.goal
-        numbers = {t: None if v is None else round(v, 1) for t, v in outcome.values.items()}
-        raw[w.name] = {"unit": w.unit, **numbers, **outcome.details}
+        goal_row = judged(outcome)
+        if w.goal is not None and goal_row is not None:
+            bounds[w.name] = w.goal.bound
+            goals[w.name] = {"ratio": goal_row[0], "op": w.goal.op, "bound": w.goal.bound}
+            met[w.name] = w.goal.met(ratios[goal_row[0]])
+        numbers = {t: _rounded(v, 1) for t, v in outcome.values.items()}
+        raw[w.name] = {
+            "unit": w.unit,
+            **numbers,
+            "rounds": {t: [_rounded(v, 1) for v in vs] for t, vs in outcome.rounds.items()},
+            "round_ratios": {
+                w.ratio_key(r): [_rounded(v, 3) for v in round_ratios(outcome, r)]
+                for r in w.references
+            },
+            **outcome.details,
+        }
     return {
         "benchmark": "io",
         **context,
         "ratios": ratios,
         "references": references,
-        "targets": goals,
+        "targets": bounds,
+        "goals": goals,
         "targets_met": met,
         "raw": raw,
     }
 
 
-# targets:
-
-
-class BenchError(Exception):
-    """A failure that ends the run: one line for the user."""
+# the memory row:
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    root: Path  # the benchmark's files go here
+class CacheMemory:
+    """One round of cache_memory: the daemon's VmRSS with its cache empty and full."""
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    cache_size: int  # the cache's limit (.fusefs/cache_size)
+    base_rss: int  # the cache just dropped
+    full_rss: int  # the cache full of clean pages
+    cache_bytes: int  # what the cache held then (.fusefs/stats)
+    cache_pages: int
+    dirty_rss: int  # after writing cache_size / 2 more without fsync
+    dirty_pages: int  # then
+
+    @property
+    def growth(self) -> int:
+        return self.full_rss - self.base_rss
+
+    @property
+    def ratio(self) -> float:
+        """The goal's figure: RSS growth per byte of cache_size."""
+        return self.growth / self.cache_size
+
+    @property
+    def overhead_per_page(self) -> float | None:
+        """The RSS growth beyond the cached bytes themselves, per cached page."""
+        return (self.growth - self.cache_bytes) / self.cache_pages if self.cache_pages else None
+
+    def details(self) -> dict[str, Any]:
+        per_page = self.overhead_per_page
+        return {
+            **dataclasses.asdict(self),
+            "ratio": round(self.ratio, 3),
+            "overhead_bytes_per_page": None if per_page is None else round(per_page),
+        }
 
 
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+def record_cache_memory(outcome: Outcome, memory: CacheMemory) -> float:
+    """Put one round of cache_memory into `outcome`: its details, and the round's
+    cache_size (the reference, in MiB as the fusefs number).  Returns the fusefs number:
+    the RSS growth in MiB, so that fusefs ÷ cache_size is `CacheMemory.ratio`."""
+    outcome.rounds.setdefault(CACHE_SIZE, []).append(memory.cache_size / MiB)
+    outcome.details.setdefault("memory", []).append(memory.details())
+    return memory.growth / MiB
 
 
-def _log_tail(path: Path) -> str:
+def cache_stats(mountpoint: Path) -> tuple[int, int, int]:
+    """The page cache's (pages, bytes, dirty pages), from ``.fusefs/stats``."""
+    stats = parse_stats((mountpoint / CONTROL_STATS).read_text())
     try:
-        return _last_line(path.read_text(errors="replace")) or f"(nothing in {path})"
-    except OSError as e:
-        return f"(cannot read {path}: {e.strerror})"
-
-
-def _run_command(argv: Sequence[str], what: str, timeout: float) -> None:
-    try:
-        done = subprocess.run(
-            argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what}: no answer after {timeout:.0f} s") from None
-    except OSError as e:
-        raise BenchError(f"{what}: cannot run {argv[0]}: {e.strerror}") from None
-    if done.returncode != 0:
-        reason = _last_line(done.stderr) or _last_line(done.stdout)
-        if not reason.startswith(what):  # the fusefs CLI names itself already
-            reason = f"{what}: {reason or f'exit status {done.returncode}'}"
-        raise BenchError(reason)
-
-
-def _lazy_unmount(mountpoint: Path) -> None:
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
-
-
-@contextmanager
-def fusefs_mounted(
-    cli: Sequence[str],
-    work: Path,
-    options: str,
-    errors: list[str],
-    *,
-    prepare: Callable[[Path], None] | None = None,
-) -> Iterator[Target]:
-    """A fresh fusefs image mounted through the CLI; unmounted (and its daemon gone) after.
-    ``prepare(image)`` runs between mkfs and mount (to fill the image in-process)."""
-    image = work / "fusefs.img"
-    mountpoint = work / "mnt-fusefs"
-    mountpoint.mkdir()
-    _run_command([*cli, "mkfs", str(image), "--size", IMAGE_SIZE], "fusefs mkfs", 120)
-    if prepare is not None:
-        prepare(image)
-    mount = [*cli, "mount", str(image), str(mountpoint)]
-    if options:
-        mount += ["-o", options]
-    try:
-        _run_command(mount, "fusefs mount", MOUNT_TIMEOUT)
-        if not os.path.ismount(mountpoint):
-            raise BenchError(f"fusefs mount returned, but {mountpoint} is not a mount point")
-        yield Target("fusefs", mountpoint)
-    finally:
-        fusefs_umount(cli, image, mountpoint, errors)
-
-
-def fusefs_umount(cli: Sequence[str], image: Path, mountpoint: Path, errors: list[str]) -> None:
-    """``fusefs umount`` if `mountpoint` is mounted, lazily if that fails (the error
-    goes to `errors`)."""
-    if os.path.ismount(mountpoint):
-        try:
-            _run_command([*cli, "umount", str(mountpoint)], "fusefs umount", UMOUNT_TIMEOUT)
-        except BenchError as e:
-            errors.append(f"{e} (daemon log: {image}.log)")
-        if os.path.ismount(mountpoint):
-            _lazy_unmount(mountpoint)
-
-
-def _read_line(fd: int, deadline: float) -> str | None:
-    """The first line on `fd`; "" at EOF without one; None at the deadline."""
-    data = b""
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.partition(b"\n")[0].decode(errors="replace")
-
-
-@contextmanager
-def nullfs_mounted(work: Path) -> Iterator[Target]:
-    """`benchmarks.nullfs` in a subprocess, ready and mounted; stopped with SIGTERM after."""
-    mountpoint = work / "mnt-nullfs"
-    mountpoint.mkdir()
-    log = work / "nullfs.log"
-    argv = [sys.executable, "-m", "benchmarks.nullfs", str(mountpoint)]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file
-        )
-    assert proc.stdout is not None
-    try:
-        deadline = time.monotonic() + NULLFS_READY_TIMEOUT
-        line = _read_line(proc.stdout.fileno(), deadline)
-        if line != "ready":
-            if line is None:
-                raise BenchError(f"nullfs not ready after {NULLFS_READY_TIMEOUT:.0f} s")
-            status = proc.wait(timeout=10)
-            raise BenchError(f"nullfs exited ({status}) before it was ready: {_log_tail(log)}")
-        while not os.path.ismount(mountpoint):  # "ready" follows the mount; belt and braces
-            if proc.poll() is not None:
-                raise BenchError(f"nullfs exited ({proc.returncode}): {_log_tail(log)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"nullfs said ready, but {mountpoint} is not a mount point")
-            time.sleep(0.01)
-        yield Target("nullfs", mountpoint)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _lazy_unmount(mountpoint)
-                proc.kill()
-                proc.wait()
-        if os.path.ismount(mountpoint):
-            _lazy_unmount(mountpoint)
-        proc.stdout.close()
-
-
-# dropping caches:
-
-
-def drop_host_caches() -> str:
-    os.sync()
-    try:
-        with open(HOST_DROP_CACHES, "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        return f"sync done, but cannot drop the host page cache ({e.strerror}): NOT cold"
-    return "sync; echo 3 > /proc/sys/vm/drop_caches"
-
-
-def drop_fusefs_caches(mountpoint: Path) -> str:
-    path = mountpoint / CONTROL_DROP_CACHES
-    if not path.exists():
-        fusefs = f"no {CONTROL_DROP_CACHES} (skipped)"
-    else:
-        try:
-            with open(path, "w") as f:
-                f.write("1\n")
-            fusefs = f"echo 1 > {CONTROL_DROP_CACHES}"
-        except OSError as e:
-            fusefs = f"writing 1 to {CONTROL_DROP_CACHES} failed ({e.strerror})"
-    return f"{fusefs}; then for the image file: {drop_host_caches()}"
-
-
-def o_direct_refusal(directory: Path) -> str | None:
-    """Why `directory`'s filesystem refuses O_DIRECT, or None if it takes it."""
-    probe = directory / ".o_direct_probe"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644)
-    except OSError as e:
-        return f"open(O_DIRECT): {e.strerror}"
-    try:
-        with mmap.mmap(-1, 4096) as aligned:  # page-aligned, as O_DIRECT wants
-            os.write(fd, aligned)
-    except OSError as e:
-        return f"an aligned O_DIRECT write: {e.strerror}"
-    finally:
-        os.close(fd)
-        probe.unlink()
-    return None
+        return int(stats["cache_pages"]), int(stats["cache_bytes"]), int(stats["cache_dirty"])
+    except (KeyError, ValueError) as e:
+        raise MeasurementError(f"{CONTROL_STATS}: no usable {e}") from None
 
 
 # running:
 
 
 class Bench:
-    """Runs workloads on mounted targets and collects their outcomes."""
+    """Runs workloads on mounted targets and collects their outcomes.  A workload with
+    `Workload.own_mount` gets a fusefs from `fresh_fusefs(label)` for each round."""
 
     def __init__(
         self,
@@ -438,11 +456,13 @@ class Bench:
         plan: Plan,
         notes: list[str],
         progress: Callable[[str], None],
+        fresh_fusefs: Callable[[str], AbstractContextManager[Target]],
     ) -> None:
         self.targets = targets
         self.plan = plan
         self.notes = notes
         self.progress = progress
+        self.fresh_fusefs = fresh_fusefs
 
     def fio(
         self,
@@ -501,32 +521,36 @@ class Bench:
     def measure(self, workload: Workload) -> Outcome:
         outcome = Outcome(workload)
         step: Callable[[Target, Outcome], float | None] = getattr(self, workload.name)
-        runs: dict[str, list[float | None]] = {name: [] for name in workload.targets}
+        for name in workload.targets:
+            outcome.rounds[name] = []
         for round_ in range(1, self.plan.rounds + 1):
             tag = f" (round {round_})" if self.plan.rounds > 1 else ""
             for name in workload.targets:
                 if name in outcome.values:  # failed in an earlier round
                     continue
                 try:
-                    value = step(self.targets[name], outcome)
-                except (FioError, OSError) as e:
+                    with self._target(workload, name, round_) as target:
+                        value = step(target, outcome)
+                except (MeasurementError, OSError) as e:
                     outcome.errors.append(f"{workload.name} on {name}{tag}: {e}")
                     outcome.values[name] = None
+                    outcome.rounds[name].append(None)
                     self.progress(f"{workload.name:<17} {name:<7} FAILED{tag}: {e}")
                     continue
-                runs[name].append(value)
+                outcome.rounds[name].append(value)
                 shown = "n/a" if value is None else _number(value, workload.unit)
                 self.progress(f"{workload.name:<17} {name:<7} {shown}{tag}")
-        for name, values in runs.items():
+        best = min if workload.smaller_is_better else max
+        for name, values in outcome.rounds.items():
             if name not in outcome.values:
                 numbers = [v for v in values if v is not None]
-                outcome.values[name] = max(numbers) if numbers else None
-        if self.plan.rounds > 1:
-            outcome.details["rounds"] = {
-                name: [None if v is None else round(v, 1) for v in values]
-                for name, values in runs.items()
-            }
+                outcome.values[name] = best(numbers) if numbers else None
         return outcome
+
+    def _target(self, workload: Workload, name: str, round_: int) -> AbstractContextManager[Target]:
+        if workload.own_mount:
+            return self.fresh_fusefs(f"{workload.name}-{round_}")
+        return nullcontext(self.targets[name])
 
     # cache speed, a file that fits fusefs's cache, against nullfs:
 
@@ -549,7 +573,7 @@ class Bench:
         result = self.fio(target, WARM_FILE, "randwrite", "4k", self.plan.warm_bytes, timed=True)
         return result.iops
 
-    # sustained, a file several times the cache, against the plain directory:
+    # sustained, a file several times the cache, against the plain directory and nullfs:
 
     def seqwrite_1m(self, target: Target, outcome: Outcome) -> float:
         target.path(SUSTAINED_FILE).unlink(missing_ok=True)
@@ -568,18 +592,22 @@ class Bench:
         if not path.exists() or path.stat().st_size != size:  # seqwrite_1m did not run
             self.fio(target, SUSTAINED_FILE, "write", "1m", size, end_fsync=True)
         fusefs = target.name == "fusefs"
+        # nullfs keeps no data, only the size: the host's drop is all there is to do.
         dropped = drop_fusefs_caches(target.root) if fusefs else drop_host_caches()
         self.notes.append(f"cold_seqread_1m on {target.name}: {dropped}")
         return self.fio(target, SUSTAINED_FILE, "read", "1m", size).value("MB/s")
 
-    # O_DIRECT, reported beside the plain directory:
+    # O_DIRECT, beside the plain directory and nullfs:
 
     def _check_o_direct(self, target: Target) -> bool:
-        if target.name != "plain":
+        """False (and a note) if a reference refuses O_DIRECT: it then has no number.
+        fusefs is the one measured: its refusal is fio's error.  nullfs's files are
+        FUSE direct_io, which take O_DIRECT; the probe makes sure."""
+        if target.name == "fusefs":
             return True
         refusal = o_direct_refusal(target.root)
         if refusal is not None:
-            self.notes.append(f"the plain directory's filesystem refuses O_DIRECT: {refusal}")
+            self.notes.append(f"{target.name} refuses O_DIRECT: {refusal}")
         return refusal is None
 
     def direct_write_1m(self, target: Target, outcome: Outcome) -> float | None:
@@ -614,6 +642,54 @@ class Bench:
         outcome.details["files"] = n
         return n / sum(seconds.values())
 
+    # memory, on a fusefs of its own:
+
+    def cache_memory(self, target: Target, outcome: Outcome) -> float:
+        """The daemon's RSS with the cache dropped, then full of clean pages, then with
+        dirty ones too (see the module's docstring)."""
+        root = target.root
+        pid = daemon_pid(root)
+        cache_size = int((root / CONTROL_CACHE_SIZE).read_text())
+        (root / CONTROL_DROP_CACHES).write_text("1\n")
+        base_rss = vm_rss(pid)
+        fill = target.path(CACHE_FILL_FILE)
+        write_file(fill, 2 * cache_size, fsync=True)
+        read_through(fill)  # the cache's pages are now the file's last cache_size, clean
+        pages, cached, _ = cache_stats(root)
+        if cached < CACHE_FULL * cache_size:
+            raise MeasurementError(
+                f"the cache holds {cached} bytes after reading {2 * cache_size}, "
+                f"not about its cache_size of {cache_size}"
+            )
+        full_rss = vm_rss(pid)
+        write_file(target.path(CACHE_DIRTY_FILE), cache_size // 2, fsync=False)
+        _, _, dirty = cache_stats(root)
+        self.notes.append(
+            "cache_memory: a fusefs mounted afresh each round; base RSS after "
+            f"echo 1 > {CONTROL_DROP_CACHES}, full RSS after writing 2 x cache_size "
+            "(fsync) and reading it back once"
+        )
+        memory = CacheMemory(cache_size, base_rss, full_rss, cached, pages, vm_rss(pid), dirty)
+        return record_cache_memory(outcome, memory)
+
+
+def write_file(path: Path, size: int, *, fsync: bool) -> None:
+    """`size` bytes (not zeros) in 1 MiB writes."""
+    with open(path, "wb") as f:
+        for offset in range(0, size, MiB):
+            f.write(PATTERN[: min(MiB, size - offset)])
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_through(path: Path) -> None:
+    """Read the whole file once, in 1 MiB reads."""
+    buffer = bytearray(MiB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
 
 def create_stat_unlink(directory: Path, files: int) -> dict[str, float]:
     """Seconds to create, then stat, then unlink `files` empty files in a new
@@ -641,7 +717,7 @@ def create_stat_unlink(directory: Path, files: int) -> dict[str, float]:
 def _number(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
-    if unit == "MB/s":
+    if unit in ("MB/s", "MiB"):
         return f"{value:,.1f} {unit}"
     return f"{value:,.0f} {unit}"
 
@@ -659,14 +735,17 @@ def print_report(
     for outcome in outcomes:
         w = outcome.workload
         fusefs = _number(outcome.values.get("fusefs"), w.unit)
-        for key, reference, value in comparisons(outcome):
-            reference_text = f"{reference} {_number(outcome.values.get(reference), w.unit)}"
-            goal = w.goal if key == w.name else None
-            if goal is None:
+        goal_key = result["goals"].get(w.name, {}).get("ratio")
+        for key, reference, value in ratio_rows(outcome):
+            if key.endswith("_worst_round"):
+                reference_text = f"{reference}, round by round"
+            else:
+                reference_text = f"{reference} {_number(outcome.values.get(reference), w.unit)}"
+            if w.goal is None or key != goal_key:
                 target_text, met = "—", "—"
             else:
-                target_text = f"≥ {goal:.2f}"
-                met = "yes" if result["targets_met"][key] else "NO"
+                target_text = f"{'≤' if w.goal.at_most else '≥'} {w.goal.bound:.2f}"
+                met = "yes" if result["targets_met"][w.name] else "NO"
             ratio_text = "—" if value is None else f"{value:.2f}"
             table.add_row(key, fusefs, reference_text, ratio_text, target_text, met)
             fusefs = ""  # once per workload
@@ -746,7 +825,8 @@ def describe(plan: Plan, fio_version: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     selected = [BY_NAME[n] for n in args.only] if args.only else list(WORKLOADS)
     selected.sort(key=WORKLOADS.index)
-    needed = [t for t in TARGET_ORDER if any(t in w.targets for w in selected)]
+    shared = [w for w in selected if not w.own_mount]
+    needed = [t for t in TARGET_ORDER if any(t in w.targets for w in shared)]
     plan = QUICK if args.quick else FULL
     cli = shlex.split(args.mount_cmd) if args.mount_cmd else [sys.executable, "-m", "fusefs.cli"]
     if shutil.which("fio") is None:
@@ -774,7 +854,11 @@ def run(args: argparse.Namespace) -> int:
             else:
                 (work / "plain").mkdir()
                 targets[name] = Target("plain", work / "plain")
-        outcomes = Bench(targets, plan, notes, _progress).run(selected)
+
+        def fresh_fusefs(label: str) -> AbstractContextManager[Target]:
+            return fusefs_mounted(cli, work, args.fusefs_options, errors, name=f"fusefs-{label}")
+
+        outcomes = Bench(targets, plan, notes, _progress, fresh_fusefs).run(selected)
     errors[:0] = [e for outcome in outcomes for e in outcome.errors]
 
     notes[:0] = describe(plan, fio_version)

@@ -1,7 +1,7 @@
 """Metadata benchmark (issue 13): fusefs at 100,000 files and more, beside a plain
 directory and the null pyfuse3 filesystem, in one run.
 
-Targets, mounted with `benchmarks.bench_io`'s `fusefs_mounted` and `nullfs_mounted`:
+Targets, mounted with `benchmarks.targets`' `fusefs_mounted` and `nullfs_mounted`:
 
 - ``fusefs``: a new 2 GiB image through the real command line, mounted with
   ``-o cache_size=1M`` (``--fusefs-options``) so that the daemon's memory is
@@ -62,21 +62,21 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.bench_io import (
+from benchmarks.bench_io import _on_sigterm, create_stat_unlink, ratio
+from benchmarks.targets import (
     CONTROL_DROP_CACHES,
     ROOT,
     BenchError,
+    KiB,
     Target,
-    _on_sigterm,
     _read_line,
-    create_stat_unlink,
+    daemon_pid,
     fusefs_mounted,
     fusefs_umount,
     nullfs_mounted,
-    ratio,
+    vm_rss,
 )
 
-KiB: Final = 1024
 BIG_IMAGE_SIZE: Final = 1 << 40
 FILES_PER_DIR: Final = 1000
 SMALL_FILE: Final = b"m" * 100
@@ -137,14 +137,6 @@ def latency(samples_s: Sequence[float]) -> dict[str, float]:
         "max_ms": round(max(samples_s) * 1000, 3),
         "n": len(samples_s),
     }
-
-
-def parse_vmrss(status: str) -> int:
-    """VmRSS, in bytes, from the text of /proc/PID/status."""
-    m = re.search(r"^VmRSS:\s+(\d+)\s+kB$", status, re.MULTILINE)
-    if m is None:
-        raise ValueError("no VmRSS line")
-    return int(m.group(1)) * KiB
 
 
 def replayed_entries(log_text: str) -> int:
@@ -475,15 +467,11 @@ def make_entries(directory: Path, count: int) -> None:
 # the daemon:
 
 
-def daemon_pid(mountpoint: Path) -> int:
-    return int((mountpoint / ".fusefs" / "pid").read_text())
-
-
 def daemon_rss(mountpoint: Path, *, drop: bool = True) -> int:
     """The daemon's VmRSS in bytes, after ``.fusefs/drop_caches`` when `drop`."""
     if drop:
         (mountpoint / CONTROL_DROP_CACHES).write_text("1\n")
-    return parse_vmrss(Path(f"/proc/{daemon_pid(mountpoint)}/status").read_text())
+    return vm_rss(daemon_pid(mountpoint))
 
 
 # the large images:

@@ -46,7 +46,7 @@ from typing import Final
 import trio
 
 from benchmarks import run_main
-from benchmarks.bench_io import BenchError, fusefs_mounted
+from benchmarks.targets import BenchError, fusefs_mounted
 from fusefs.cli import fallocate_fd
 from fusefs.filesystem import Filesystem, MountOptions
 from fusefs.namespace import ROOT_INO

@@ -14,12 +14,12 @@ from benchmarks.bench_meta import (
     fsync_rounds,
     latency,
     listdir_best,
-    parse_vmrss,
     percentile,
     replayed_entries,
     summarize,
     table_rows,
 )
+from benchmarks.targets import parse_vmrss
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
