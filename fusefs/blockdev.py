@@ -33,7 +33,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, final
+from typing import Final, TypeAlias, final
 
 import trio
 
@@ -42,6 +42,7 @@ from fusefs.faults import dynamic_fault
 from fusefs.powercut import CutPlan, PowerCut, record_path_for
 
 IOV_MAX: Final = os.sysconf("SC_IOV_MAX")  # buffers one preadv takes
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,29 +198,46 @@ class BlockDevice:
             raise IOFailure(f"blockdev: short read at block {pblk}")
         self._count_read(want)
 
-    def write_sync(self, pblk: int, data: bytes | bytearray | memoryview) -> None:
-        if len(data) % self.block_size:
+    def write_sync(self, pblk: int, data: Buffer | list[Buffer]) -> None:
+        """Write whole blocks at ``pblk``: one buffer, or several written
+        together in order (one ``pwritev``: writeback hands over the page
+        buffers themselves, not a copy)."""
+        parts = data if isinstance(data, list) else [data]
+        size = sum(len(part) for part in parts)
+        if size % self.block_size:
             raise InvalidArgument("blockdev: write of a partial block")
-        self._check_range(pblk, len(data) // self.block_size)
+        self._check_range(pblk, size // self.block_size)
         if self.read_only:
             raise IOFailure("blockdev: device opened read-only")
         if dynamic_fault("blockdev_write", cls="io:write"):
             raise IOFailure(f"blockdev: injected write error at block {pblk}")
         if dynamic_fault("blockdev_corrupt_write", cls="io:selftest"):
-            data = _scramble(data, self.block_size)
+            parts = [_scramble(b"".join(parts), self.block_size)]
+        elif len(parts) > 1 and self.powercut is not None:
+            parts = [b"".join(parts)]  # the simulator records single writes
+        offset = pblk * self.block_size
         try:
-            done = self._pwrite(self._fd, data, pblk * self.block_size)
+            if len(parts) == 1:
+                done = self._pwrite(self._fd, parts[0], offset)
+            else:
+                done = 0
+                for i in range(0, len(parts), IOV_MAX):
+                    chunk = parts[i : i + IOV_MAX]
+                    got = os.pwritev(self._fd, chunk, offset + done)
+                    done += got
+                    if got != sum(len(part) for part in chunk):
+                        break
         except OSError as e:
             raise IOFailure(f"blockdev: write of block {pblk}: {e.strerror}") from e
-        if done != len(data):
+        if done != size:
             raise IOFailure(f"blockdev: short write at block {pblk}")
         with self._stat_lock:
             self._writes += 1
-            self._bytes_written += len(data)
+            self._bytes_written += size
             self._pending += 1
 
     def write_many_sync(
-        self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]
+        self, writes: Sequence[tuple[int, Buffer | list[Buffer]]]
     ) -> list[FsError | None]:
         """Each (pblk, data) written as by `write_sync`, in order; a failed one
         does not stop the others.  Returns each write's error, or None."""
@@ -259,7 +277,7 @@ class BlockDevice:
         await trio.to_thread.run_sync(self.write_sync, pblk, data, limiter=self._limiter)
 
     async def write_many(
-        self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]
+        self, writes: Sequence[tuple[int, Buffer | list[Buffer]]]
     ) -> list[FsError | None]:
         """Several writes in one worker-thread call (writeback's batches): see
         `write_many_sync`."""

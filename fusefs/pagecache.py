@@ -166,6 +166,14 @@ class Page:
     def under_writeback(self, index: int) -> bool:
         return bool(self.writeback >> (index - self.index) & 1)
 
+    def stable_buffer(self) -> bytearray:
+        """The buffer to modify: a copy when some block is under writeback,
+        whose device write holds views of the old one (the kernel's stable
+        pages, by copy on write instead of waiting)."""
+        if self.writeback:
+            self.data = bytearray(self.data)
+        return self.data
+
     def view(self, first: int, end: int, block_size: int) -> memoryview:
         """The bytes of blocks [first, end) ∩ this page."""
         lo = max(first, self.index) - self.index

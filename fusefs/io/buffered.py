@@ -352,7 +352,8 @@ def _write_whole_pages(
     for page, mask in cached:
         lo = max(first, page.index)
         hi = min(end, page.end)
-        page.view(lo, hi, bs)[:] = src[(lo - first) * bs : (hi - first) * bs]
+        at = (lo - page.index) * bs
+        page.stable_buffer()[at : at + (hi - lo) * bs] = src[(lo - first) * bs : (hi - first) * bs]
         cache.mark_dirty(page, mask)
     for page in fresh:
         pos = (page.index - first) * bs
@@ -463,7 +464,7 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         bit = 1 << (index - page.index)
                         cache.reserve(page, bit)
                         at = (index - page.index) * bs + start
-                        page.data[at : at + want] = view[done : done + want]
+                        page.stable_buffer()[at : at + want] = view[done : done + want]
                         cache.mark_dirty(page, bit)
                         n = want
                 except NoSpace:

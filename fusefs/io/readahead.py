@@ -31,8 +31,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import trio
-
 from fusefs.errors import FsError
 
 if TYPE_CHECKING:
@@ -115,11 +113,12 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
             end = mapping.pages.first_present(index, mapping.next_fill(index, end))
             fills.append(mapping.start_fill(index, end))
             index = end
-        # The pieces go down together: one piece's pages are inserted while
-        # the device reads the next.
-        async with trio.open_nursery() as nursery:
-            for fill in fills:
-                nursery.start_soon(_fill_piece, fs, mapping, fill)
+        # The pieces go down one after the other, in file order: reads of
+        # one image file in flight together and out of order look random to
+        # the host's own readahead, which then stops reading ahead (a cold
+        # sequential read ran at 0.32 GB/s that way, 1.3 GB/s in order).
+        for fill in fills:
+            await _fill_piece(fs, mapping, fill)
     finally:
         for fill in fills:
             mapping.end_fill(fill)  # the ones not reached (failure, cancellation)

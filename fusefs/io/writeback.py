@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from fusefs.alloc import Run, place_runs
+from fusefs.blockdev import Buffer
 from fusefs.errors import FsError, NoSpace
 from fusefs.extents import Extent
 from fusefs.faults import race_fault
@@ -206,7 +207,7 @@ class _RunIO:
     count: int
     new_runs: list[Run] = field(default_factory=list)
     placements: list[tuple[int, int, int]] = field(default_factory=list)
-    writes: list[tuple[int, memoryview]] = field(default_factory=list)
+    writes: list[tuple[int, Buffer | list[Buffer]]] = field(default_factory=list)
     finished: bool = False
 
 
@@ -220,7 +221,6 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
     emap = mapping.inode.extents
     assert emap is not None
     cache.start_writeback(mapping, run)
-    data = memoryview(b"".join(page.view(first, first + count, bs) for page, _ in run))
     cache.counters["writeback_runs"] += 1
     try:
         await race_fault("writeback_before_lookup")
@@ -260,14 +260,19 @@ async def _prepare(fs: Filesystem, mapping: Mapping, io: _RunIO) -> None:
     except FsError as e:
         _fail(fs, mapping, io, e)
         return
-    # Mapped blocks in place; new blocks where the holes were.
+    # Mapped blocks in place; new blocks where the holes were.  The page
+    # buffers themselves go to the device: a write into a page under
+    # writeback gives the page a new buffer first (`stable_buffer`).
     for ext in mapped:
         assert ext.pblk is not None
-        pos = (ext.start - first) * bs
-        io.writes.append((ext.pblk, data[pos : pos + ext.length * bs]))
+        io.writes.append((ext.pblk, _views(run, ext.start, ext.start + ext.length, bs)))
     for lblk, pblk, n in io.placements:
-        pos = (lblk - first) * bs
-        io.writes.append((pblk, data[pos : pos + n * bs]))
+        io.writes.append((pblk, _views(run, lblk, lblk + n, bs)))
+
+
+def _views(run: list[tuple[Page, int]], first: int, end: int, bs: int) -> list[Buffer]:
+    """The bytes of blocks [first, end) of a run, one view per page."""
+    return [page.view(first, end, bs) for page, _ in run if page.index < end and first < page.end]
 
 
 async def _submit(fs: Filesystem, mapping: Mapping, batch: list[_RunIO]) -> None:

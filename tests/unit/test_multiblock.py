@@ -119,8 +119,14 @@ async def test_a_write_during_writeback_redirties_only_its_block(fs: Filesystem)
         nursery.start_soon(fs.fsync, fh, False)
         await wait_all_tasks_blocked()
         assert page.writeback == (1 << 64) - 1
+        old = page.data
         assert await fs.write(fh, 3 * BS, b"n" * BS) == BS
+        # The device write in flight holds the old buffer, which stays as it
+        # was: the write went into a copy (copy on write, no torn snapshot).
+        assert page.data is not old
+        assert old == data
         data[3 * BS : 4 * BS] = b"n" * BS
+        assert page.data == data
         assert page.dirty == 1 << 3
         check(fs)
     # fsync waited for the first writeback, then wrote the block again.
