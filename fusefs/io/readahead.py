@@ -12,11 +12,14 @@ where the previous one ended, or in the next, is sequential (FUSE hands a 1 MiB
 share a page): the window doubles (from 4 pages, or twice the read, up to
 512 = 2 MiB at 4 KiB).  Prefetching runs ahead of the reader asynchronously, as the
 kernel's async readahead does: once what is prefetched ahead of the read is
-less than half the window, the next stretch up to a full window ahead is
-started by a background task, so the device sees few, large reads and the
-reader finds its pages in (or on their way: a read that reaches pages whose
-prefetch is still in flight waits for it instead of reading them again).
-A random read resets the window.
+less than three quarters of the window, the next stretch up to a full window
+ahead is started by a background task, so the device sees few, large reads,
+always some in flight, and the reader finds its pages in (or on their way: a
+read that reaches pages whose prefetch is still in flight waits for it instead
+of reading them again).  A stream's prefetches read the image one after the
+other in file order (`ReadaheadState.serial`): reads of the image in flight
+together and out of order look random to the host's own readahead, which then
+stops reading ahead of them.  A random read resets the window.
 
 Pages brought in by readahead are flagged; the first read of one counts as
 *used*, dropping or evicting one unread counts as *wasted*.
@@ -27,9 +30,12 @@ inserting the pages (races 1 and 4 of DESIGN §3).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
 
 from fusefs.errors import FsError
 
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
     from fusefs.pagecache import Fill, Mapping
 
 log = logging.getLogger(__name__)
+
+_NO_LOCK: Final = contextlib.nullcontext()
 
 MIN_WINDOW = 4
 MAX_WINDOW = 512
@@ -49,6 +57,9 @@ class ReadaheadState:
     next_index: int = -1  # where a sequential read would start
     window: int = 0
     inflight_end: int = 0  # prefetch in flight up to here (exclusive)
+    # The stream's prefetches read the device one after the other, in the
+    # order they were started (see `prefetch`).
+    serial: trio.Lock = field(default_factory=trio.Lock)
 
 
 def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: int) -> None:
@@ -69,7 +80,7 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
     # (the kernel's initial window for a large read).
     ra.window = min(MAX_WINDOW, max(MIN_WINDOW, ra.window * 2, 2 * (last + 1 - first)))
     ahead = ra.inflight_end - (last + 1)
-    if ahead >= ra.window // 2:
+    if ahead >= ra.window * 3 // 4:
         return  # enough in flight ahead of the reader
     start = max(last + 1, ra.inflight_end)
     eof_pages = -(-handle.inode.size // fs.block_size)
@@ -80,11 +91,19 @@ def on_read(fs: Filesystem, handle: Handle, mapping: Mapping, first: int, last: 
     if start >= stop:
         return
     ra.inflight_end = stop
-    fs.spawn(prefetch(fs, mapping, start, stop))
+    fs.spawn(prefetch(fs, mapping, start, stop, ra.serial))
 
 
-async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> None:
-    """Fill the missing pages of [start, stop) if the ADD side can be had now."""
+async def prefetch(
+    fs: Filesystem, mapping: Mapping, start: int, stop: int, serial: trio.Lock | None = None
+) -> None:
+    """Fill the missing pages of [start, stop) if the ADD side can be had now.
+
+    ``serial``: the stream's lock, taken (in the order the prefetches were
+    started: trio's locks are fair) around the device reads, after the pieces
+    are registered -- so that a reader waits for them rather than reading them
+    itself, and the image file sees one sequential reader.
+    """
     cache = fs.cache
     if cache.mappings.get(mapping.inode.ino) is not mapping:
         # Retired while this task waited to start (the file was closed and its
@@ -117,8 +136,9 @@ async def prefetch(fs: Filesystem, mapping: Mapping, start: int, stop: int) -> N
         # one image file in flight together and out of order look random to
         # the host's own readahead, which then stops reading ahead (a cold
         # sequential read ran at 0.32 GB/s that way, 1.3 GB/s in order).
-        for fill in fills:
-            await _fill_piece(fs, mapping, fill)
+        async with serial if serial is not None else _NO_LOCK:
+            for fill in fills:
+                await _fill_piece(fs, mapping, fill)
     finally:
         for fill in fills:
             mapping.end_fill(fill)  # the ones not reached (failure, cancellation)

@@ -5,6 +5,7 @@ cuts through one."""
 from __future__ import annotations
 
 import errno
+import itertools
 
 import pytest
 import trio
@@ -18,7 +19,7 @@ from fusefs.filesystem import Filesystem
 from fusefs.io.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from fusefs.pagecache import ALLOCATED, MAX_PAGE_BLOCKS, RESERVED, pieces
 
-from .test_pagecache import BS, check, create, mapping_of, pattern
+from .test_pagecache import BS, check, create, mapping_of, pattern, readahead_settled, running
 
 
 def layout(fs: Filesystem, ino: int) -> list[tuple[int, int]]:
@@ -239,3 +240,41 @@ def test_the_largest_page_fits_a_page_index_chunk() -> None:
     from fusefs.pageindex import CHUNK
 
     assert CHUNK % MAX_PAGE_BLOCKS == 0
+
+
+async def test_a_streams_prefetches_read_the_image_in_file_order(fs: Filesystem) -> None:
+    """A sequential reader's prefetches go to the device one at a time, in
+    the order they were started: every device read starts where the one
+    before it ended (the file is laid out in one stretch), none overlaps
+    another in time."""
+    fh, ino = await create(fs, b"f")
+    data = pattern(4 << 20, 9)
+    await fs.write(fh, 0, data)
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    reads: list[tuple[int, int]] = []
+    inflight = 0
+    overlapped = False
+    real = fs.dev.read_into
+
+    async def recorded(pblk: int, buffers: list[bytearray | memoryview]) -> None:
+        nonlocal inflight, overlapped
+        inflight += 1
+        overlapped |= inflight > 1
+        try:
+            await real(pblk, buffers)
+        finally:
+            inflight -= 1
+        reads.append((pblk, sum(len(b) for b in buffers) // BS))
+
+    fs.dev.read_into = recorded  # type: ignore[method-assign]
+    async with running(fs):
+        for pos in range(0, len(data), 1 << 20):
+            assert await fs.read(fh, pos, 1 << 20) == data[pos : pos + (1 << 20)]
+            await wait_all_tasks_blocked()
+        await readahead_settled(mapping_of(fs, ino))
+        assert len(reads) == 4  # 1 MiB each: the first read's own, then prefetches
+        assert not overlapped
+        for (pblk, n), (after, _) in itertools.pairwise(reads):
+            assert after == pblk + n, reads
+        await fs.release(fh)
