@@ -22,7 +22,7 @@ means "through the filesystem's own cache, if it has one".
 | direct_write_1m | O_DIRECT 1 MiB sequential writes | plain, nullfs | reported |
 | direct_read_1m | O_DIRECT 1 MiB sequential reads | plain, nullfs | plain >= 0.8 |
 | meta_10k | create + stat + unlink, 10,000 empty files (files/s) | plain, nullfs | nullfs >= 0.9 |
-| cache_memory | the daemon's RSS growth with its cache full of clean pages | cache_size | <= 1.10 |
+| cache_memory | RSS growth per byte of cache_size, the cache full | cache_size | <= 1.10 |
 
 Each ratio is fusefs's number divided by the reference's; the first reference named is
 the row's own (RESULT key ``<workload>``), the others get ``<workload>_vs_<target>``.
@@ -34,13 +34,17 @@ reference, the worst of those ratios (RESULT key ``<key>_worst_round``).
 
 cache_memory runs on a fusefs of its own, mounted afresh for each round: the daemon's
 VmRSS (from ``/proc/PID/status``, the pid from ``.fusefs/pid``) with the cache just
-dropped, then after writing a file of twice ``.fusefs/cache_size`` with an fsync and
-reading it back once (the cache is then full of clean pages, which ``.fusefs/stats``
-must confirm).  Its number is the growth, full minus base, against ``cache_size``; the
-details have the overhead per cached 4 KiB page, and the RSS once half the cache's
-worth of new data has been written without an fsync (dirty pages, up to the dirty
-limit).  A fresh daemon, since RSS does not come back down when pages are dropped:
-the allocator keeps what was freed for the next pages.
+dropped; then full of clean pages (a file of twice ``.fusefs/cache_size`` written with an
+fsync and read back once; ``.fusefs/stats`` must confirm the cache is full); then the
+same again with ``cache_size`` raised four times through ``.fusefs/cache_size``.  Its
+number is how RSS grows with the cache: the growth between the two full points against
+the cache_size added (goal <= 1.10: at most 10% over the cached bytes themselves); the
+details have the fixed base that slope leaves over (the daemon's cost at a cache of
+zero: interpreter, request and readahead buffers, allocator slack), the first fill's
+ratio against an empty cache, the overhead per cached 4 KiB page, and the RSS once half
+the large cache's worth of new data has been written without an fsync (dirty pages, up
+to the dirty limit).  A fresh daemon, since RSS does not come back down when pages are
+dropped: the allocator keeps what was freed for the next pages.
 
 "Dropping the caches" is, for fusefs, writing ``1`` to ``.fusefs/drop_caches`` (when
 the file exists) and then dropping the host's page cache too -- the image is a file
@@ -105,6 +109,7 @@ MB: Final = 1_000_000  # MB/s are decimal, as fio's bw_bytes
 CONTROL_CACHE_SIZE: Final = ".fusefs/cache_size"
 CONTROL_STATS: Final = ".fusefs/stats"
 CACHE_FULL: Final = 0.9  # cache_memory: the cache must hold this much of cache_size
+LARGE_CACHE_FACTOR: Final = 4  # cache_memory's second point: 4 x cache_size
 PATTERN: Final = bytes(range(256)) * (MiB // 256)  # what cache_memory writes
 
 Unit = Literal["IOPS", "MB/s", "files/s", "MiB"]
@@ -173,6 +178,7 @@ WARM_FILE: Final = "warm.dat"
 SUSTAINED_FILE: Final = "sustained.dat"
 DIRECT_FILE: Final = "direct.dat"
 CACHE_FILL_FILE: Final = "fill.dat"
+CACHE_LARGE_FILE: Final = "fill-large.dat"
 CACHE_DIRTY_FILE: Final = "dirty.dat"
 CACHE_SIZE: Final = "cache_size"  # cache_memory's reference: the cache's limit, not a target
 
@@ -392,44 +398,74 @@ def summarize(outcomes: Sequence[Outcome], **context: Any) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class CacheMemory:
-    """One round of cache_memory: the daemon's VmRSS with its cache empty and full."""
+    """One round of cache_memory: the daemon's VmRSS with its cache empty, full at
+    ``cache_size``, and full again at ``large_size``.  How RSS grows with the cache is
+    the slope between the two full points; what it costs whatever the cache's size
+    (the interpreter, request and readahead buffers, the allocator's slack) is the
+    fixed base the slope leaves over."""
 
-    cache_size: int  # the cache's limit (.fusefs/cache_size)
+    cache_size: int  # the first limit (.fusefs/cache_size as mounted)
+    large_size: int  # the second, set through .fusefs/cache_size
     base_rss: int  # the cache just dropped
-    full_rss: int  # the cache full of clean pages
-    cache_bytes: int  # what the cache held then (.fusefs/stats)
+    full_rss: int  # full of clean pages at cache_size
+    large_rss: int  # full of clean pages at large_size
+    cache_bytes: int  # what the cache held at cache_size (.fusefs/stats)
     cache_pages: int
-    dirty_rss: int  # after writing cache_size / 2 more without fsync
+    large_bytes: int  # ... and at large_size
+    large_pages: int
+    dirty_rss: int  # after writing large_size / 2 more without fsync
     dirty_pages: int  # then
 
     @property
     def growth(self) -> int:
-        return self.full_rss - self.base_rss
+        """RSS growth between the two full caches."""
+        return self.large_rss - self.full_rss
+
+    @property
+    def added(self) -> int:
+        """cache_size added between them."""
+        return self.large_size - self.cache_size
 
     @property
     def ratio(self) -> float:
         """The goal's figure: RSS growth per byte of cache_size."""
-        return self.growth / self.cache_size
+        return self.growth / self.added
+
+    @property
+    def fixed_base(self) -> float:
+        """RSS the slope does not account for: the daemon's cost at a cache of 0."""
+        return self.full_rss - self.ratio * self.cache_size
+
+    @property
+    def first_ratio(self) -> float:
+        """Growth from the empty cache to the first full one, per byte of cache_size
+        (a fresh daemon's first fill also pays its working buffers once)."""
+        return (self.full_rss - self.base_rss) / self.cache_size
 
     @property
     def overhead_per_page(self) -> float | None:
-        """The RSS growth beyond the cached bytes themselves, per cached page."""
-        return (self.growth - self.cache_bytes) / self.cache_pages if self.cache_pages else None
+        """The RSS growth beyond the cached bytes themselves, per cached 4 KiB page."""
+        pages = self.large_pages - self.cache_pages
+        cached = self.large_bytes - self.cache_bytes
+        return (self.growth - cached) / pages if pages > 0 else None
 
     def details(self) -> dict[str, Any]:
         per_page = self.overhead_per_page
         return {
             **dataclasses.asdict(self),
             "ratio": round(self.ratio, 3),
+            "first_ratio": round(self.first_ratio, 3),
+            "fixed_base_rss": round(self.fixed_base),
             "overhead_bytes_per_page": None if per_page is None else round(per_page),
         }
 
 
 def record_cache_memory(outcome: Outcome, memory: CacheMemory) -> float:
-    """Put one round of cache_memory into `outcome`: its details, and the round's
-    cache_size (the reference, in MiB as the fusefs number).  Returns the fusefs number:
-    the RSS growth in MiB, so that fusefs ÷ cache_size is `CacheMemory.ratio`."""
-    outcome.rounds.setdefault(CACHE_SIZE, []).append(memory.cache_size / MiB)
+    """Put one round of cache_memory into `outcome`: its details, and the cache_size
+    added between the two full points (the reference, in MiB as the fusefs number).
+    Returns the fusefs number: the RSS growth in MiB, so that fusefs ÷ cache_size is
+    `CacheMemory.ratio`."""
+    outcome.rounds.setdefault(CACHE_SIZE, []).append(memory.added / MiB)
     outcome.details.setdefault("memory", []).append(memory.details())
     return memory.growth / MiB
 
@@ -645,32 +681,56 @@ class Bench:
     # memory, on a fusefs of its own:
 
     def cache_memory(self, target: Target, outcome: Outcome) -> float:
-        """The daemon's RSS with the cache dropped, then full of clean pages, then with
-        dirty ones too (see the module's docstring)."""
+        """The daemon's RSS with the cache dropped, full at its cache_size, full at
+        four times that, then with dirty pages too (see the module's docstring)."""
         root = target.root
         pid = daemon_pid(root)
         cache_size = int((root / CONTROL_CACHE_SIZE).read_text())
+        large_size = LARGE_CACHE_FACTOR * cache_size
         (root / CONTROL_DROP_CACHES).write_text("1\n")
         base_rss = vm_rss(pid)
-        fill = target.path(CACHE_FILL_FILE)
-        write_file(fill, 2 * cache_size, fsync=True)
-        read_through(fill)  # the cache's pages are now the file's last cache_size, clean
+        pages, cached = self._fill_cache(root, target.path(CACHE_FILL_FILE), cache_size)
+        full_rss = vm_rss(pid)
+        (root / CONTROL_CACHE_SIZE).write_text(f"{large_size}\n")
+        large_pages, large_cached = self._fill_cache(
+            root, target.path(CACHE_LARGE_FILE), large_size
+        )
+        large_rss = vm_rss(pid)
+        write_file(target.path(CACHE_DIRTY_FILE), large_size // 2, fsync=False)
+        _, _, dirty = cache_stats(root)
+        self.notes.append(
+            "cache_memory: a fusefs mounted afresh each round; base RSS after "
+            f"echo 1 > {CONTROL_DROP_CACHES}; full RSS after writing 2 x cache_size "
+            f"(fsync) and reading it back once, at cache_size and at {LARGE_CACHE_FACTOR} x "
+            "cache_size; the ratio is the RSS growth between the two over the cache_size added"
+        )
+        memory = CacheMemory(
+            cache_size,
+            large_size,
+            base_rss,
+            full_rss,
+            large_rss,
+            cached,
+            pages,
+            large_cached,
+            large_pages,
+            vm_rss(pid),
+            dirty,
+        )
+        return record_cache_memory(outcome, memory)
+
+    def _fill_cache(self, root: Path, path: Path, cache_size: int) -> tuple[int, int]:
+        """Fill the cache with clean pages: write twice ``cache_size`` to ``path``
+        (fsync), read it back once.  Returns the cache's (pages, bytes) then."""
+        write_file(path, 2 * cache_size, fsync=True)
+        read_through(path)  # the cache's pages are now the file's last cache_size, clean
         pages, cached, _ = cache_stats(root)
         if cached < CACHE_FULL * cache_size:
             raise MeasurementError(
                 f"the cache holds {cached} bytes after reading {2 * cache_size}, "
                 f"not about its cache_size of {cache_size}"
             )
-        full_rss = vm_rss(pid)
-        write_file(target.path(CACHE_DIRTY_FILE), cache_size // 2, fsync=False)
-        _, _, dirty = cache_stats(root)
-        self.notes.append(
-            "cache_memory: a fusefs mounted afresh each round; base RSS after "
-            f"echo 1 > {CONTROL_DROP_CACHES}, full RSS after writing 2 x cache_size "
-            "(fsync) and reading it back once"
-        )
-        memory = CacheMemory(cache_size, base_rss, full_rss, cached, pages, vm_rss(pid), dirty)
-        return record_cache_memory(outcome, memory)
+        return pages, cached
 
 
 def write_file(path: Path, size: int, *, fsync: bool) -> None:

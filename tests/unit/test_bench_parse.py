@@ -233,32 +233,43 @@ def test_a_goal_must_be_against_a_reference_of_its_workload() -> None:
 
 
 def memory(base_mib: float, growth_mib: float) -> CacheMemory:
+    """A round whose cache grows from 64 to 256 MiB, RSS by ``growth_mib``."""
     mib = 1 << 20
+    full = base_mib + 70
     return CacheMemory(
         cache_size=64 * mib,
+        large_size=256 * mib,
         base_rss=int(base_mib * mib),
-        full_rss=int((base_mib + growth_mib) * mib),
+        full_rss=int(full * mib),
+        large_rss=int((full + growth_mib) * mib),
         cache_bytes=64 * mib,
         cache_pages=16384,
-        dirty_rss=int((base_mib + growth_mib + 2) * mib),
+        large_bytes=256 * mib,
+        large_pages=65536,
+        dirty_rss=int((full + growth_mib + 2) * mib),
         dirty_pages=4000,
     )
 
 
-def test_cache_memory_is_the_rss_growth_against_cache_size() -> None:
-    m = memory(base_mib=36, growth_mib=70.4)  # 6.4 MiB over the 64 MiB cached
-    assert m.growth == int(106.4 * (1 << 20)) - 36 * (1 << 20)
+def test_cache_memory_is_the_rss_growth_per_byte_of_cache_size() -> None:
+    m = memory(base_mib=36, growth_mib=211.2)  # 19.2 MiB over the 192 MiB added
+    assert m.growth == int((106 + 211.2) * (1 << 20)) - 106 * (1 << 20)
+    assert m.added == 192 << 20
     assert m.ratio == pytest.approx(1.1, abs=1e-6)
-    assert m.overhead_per_page == pytest.approx(6.4 * (1 << 20) / 16384, abs=0.1)  # 409.6
+    assert m.overhead_per_page == pytest.approx(19.2 * (1 << 20) / 49152, abs=0.1)  # 409.6
+    # The slope leaves over 106 - 1.1 * 64 = 35.6 MiB: the fixed base.
+    assert m.fixed_base == pytest.approx(35.6 * (1 << 20), abs=1)
+    assert m.first_ratio == pytest.approx(70 / 64)
     details = m.details()
     assert details["overhead_bytes_per_page"] == 410
     assert details["base_rss"] == 36 << 20
+    assert details["fixed_base_rss"] == round(35.6 * (1 << 20))
     assert details["dirty_pages"] == 4000
 
     outcome = Outcome(BY_NAME["cache_memory"])
     growth = record_cache_memory(outcome, m)
-    assert growth == pytest.approx(70.4, abs=1e-5)  # MiB
-    assert outcome.rounds == {"cache_size": [64.0]}
+    assert growth == pytest.approx(211.2, abs=1e-5)  # MiB
+    assert outcome.rounds == {"cache_size": [192.0]}
     assert outcome.details["memory"] == [details]
 
 
@@ -280,11 +291,11 @@ def test_cache_memory_is_an_upper_bound_goal_on_the_smallest_round() -> None:
         def cache_memory(self, target: Target, outcome: Outcome) -> float:
             return record_cache_memory(outcome, self.rounds.pop(0))
 
-    bench = FakeBench([memory(36, 76.8), memory(36, 70.4), memory(36, 72.0)])
+    bench = FakeBench([memory(36, 230.4), memory(36, 211.2), memory(36, 216.0)])
     [outcome] = bench.run([BY_NAME["cache_memory"]])
     assert bench.mounts == ["cache_memory-1", "cache_memory-2", "cache_memory-3"]
-    assert outcome.values["fusefs"] == pytest.approx(70.4, abs=1e-5)
-    assert outcome.values["cache_size"] == 64.0
+    assert outcome.values["fusefs"] == pytest.approx(211.2, abs=1e-5)
+    assert outcome.values["cache_size"] == 192.0
     result = summarize([outcome])
     assert result["ratios"] == {"cache_memory": 1.1}
     assert result["references"] == {"cache_memory": "cache_size"}
@@ -293,7 +304,7 @@ def test_cache_memory_is_an_upper_bound_goal_on_the_smallest_round() -> None:
     assert result["raw"]["cache_memory"]["round_ratios"] == {"cache_memory": [1.2, 1.1, 1.125]}
     assert len(result["raw"]["cache_memory"]["memory"]) == 3
 
-    over = FakeBench([memory(36, 72.0)]).run([BY_NAME["cache_memory"]])
+    over = FakeBench([memory(36, 216.0)]).run([BY_NAME["cache_memory"]])
     assert summarize(over)["targets_met"] == {"cache_memory": False}
 
 

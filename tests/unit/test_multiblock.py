@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -257,7 +258,7 @@ async def test_a_streams_prefetches_read_the_image_in_file_order(fs: Filesystem)
     overlapped = False
     real = fs.dev.read_into
 
-    async def recorded(pblk: int, buffers: list[bytearray | memoryview]) -> None:
+    async def recorded(pblk: int, buffers: Sequence[bytearray | memoryview]) -> None:
         nonlocal inflight, overlapped
         inflight += 1
         overlapped |= inflight > 1
