@@ -166,11 +166,12 @@ class Page:
     def under_writeback(self, index: int) -> bool:
         return bool(self.writeback >> (index - self.index) & 1)
 
-    def stable_buffer(self) -> bytearray:
-        """The buffer to modify: a copy when some block is under writeback,
-        whose device write holds views of the old one (the kernel's stable
-        pages, by copy on write instead of waiting)."""
-        if self.writeback:
+    def stable_buffer(self, mask: int) -> bytearray:
+        """The buffer to modify the blocks of ``mask`` in: a copy when one of
+        them is under writeback, whose device write holds views of those
+        blocks of the old buffer (the kernel's stable pages, by copy on write
+        instead of waiting).  Other blocks' bytes are no device write's."""
+        if self.writeback & mask:
             self.data = bytearray(self.data)
         return self.data
 

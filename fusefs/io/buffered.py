@@ -353,7 +353,9 @@ def _write_whole_pages(
         lo = max(first, page.index)
         hi = min(end, page.end)
         at = (lo - page.index) * bs
-        page.stable_buffer()[at : at + (hi - lo) * bs] = src[(lo - first) * bs : (hi - first) * bs]
+        page.stable_buffer(mask)[at : at + (hi - lo) * bs] = src[
+            (lo - first) * bs : (hi - first) * bs
+        ]
         cache.mark_dirty(page, mask)
     for page in fresh:
         pos = (page.index - first) * bs
@@ -464,7 +466,7 @@ async def write(fs: Filesystem, handle: Handle, offset: int, data: bytes) -> int
                         bit = 1 << (index - page.index)
                         cache.reserve(page, bit)
                         at = (index - page.index) * bs + start
-                        page.stable_buffer()[at : at + want] = view[done : done + want]
+                        page.stable_buffer(bit)[at : at + want] = view[done : done + want]
                         cache.mark_dirty(page, bit)
                         n = want
                 except NoSpace:

@@ -68,12 +68,20 @@ def _next_dirty_run(mapping: Mapping, first: int, end: int) -> list[tuple[Page, 
     at most MAX_RUN_PAGES long, as (page, mask) pieces in block order (no
     await: the run is written straight away)."""
     pages = mapping.pages
-    for page in pages.values_in(first, end - 1):
+    index = first
+    while True:  # page by page: a lookup each, gaps skipped in C (first_present)
+        page = pages.get(index)
+        if page is None:
+            index = pages.first_present(index, end)
+            if index >= end:
+                return []
+            continue
         ready = page.dirty & ~page.writeback & page.mask(first, end)
         if ready:
             break
-    else:
-        return []
+        index = page.end
+        if index >= end:
+            return []
     run: list[tuple[Page, int]] = []
     left = MAX_RUN_PAGES
     index = page.index + (ready & -ready).bit_length() - 1  # its first such block

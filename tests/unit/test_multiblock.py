@@ -139,6 +139,32 @@ async def test_a_write_during_writeback_redirties_only_its_block(fs: Filesystem)
     await fs.release(fh)
 
 
+async def test_a_write_beside_the_blocks_under_writeback_does_not_copy(fs: Filesystem) -> None:
+    """Only a write into a block under writeback copies the page's buffer:
+    another block's bytes are no device write's."""
+    fh, ino = await create(fs, b"f")
+    data = bytearray(pattern(64 * BS, 13))
+    await fs.write(fh, 0, bytes(data))
+    await fs.fsync(fh, False)
+    page = mapping_of(fs, ino).pages[0]
+    assert await fs.write(fh, 5 * BS, b"a" * BS) == BS
+    REGISTRY.control("name writeback_before_map delay 200 times 1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.fsync, fh, False)
+        await wait_all_tasks_blocked()
+        assert page.writeback == 1 << 5
+        buffer = page.data
+        assert await fs.write(fh, 9 * BS, b"b" * BS) == BS
+        assert page.data is buffer
+    data[5 * BS : 6 * BS] = b"a" * BS
+    data[9 * BS : 10 * BS] = b"b" * BS
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    assert await fs.read(fh, 0, 64 * BS) == data
+    check(fs)
+    await fs.release(fh)
+
+
 async def test_truncate_into_a_dirty_page_keeps_the_blocks_before_it(fs: Filesystem) -> None:
     fh, ino = await create(fs, b"f")
     data = pattern(64 * BS, 4)
