@@ -211,7 +211,8 @@ WORKLOADS: Final = (
     ),
 )
 BY_NAME: Final = {w.name: w for w in WORKLOADS}
-TARGET_ORDER: Final = ("fusefs", "nullfs", "plain")
+TARGET_ORDER: Final = ("fusefs", "baseline", "nullfs", "plain")
+BASELINE: Final = "baseline"  # --baseline-cmd: another fusefs build, measured beside this one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,13 +461,17 @@ class CacheMemory:
         }
 
 
-def record_cache_memory(outcome: Outcome, memory: CacheMemory) -> float:
-    """Put one round of cache_memory into `outcome`: its details, and the cache_size
-    added between the two full points (the reference, in MiB as the fusefs number).
-    Returns the fusefs number: the RSS growth in MiB, so that fusefs ÷ cache_size is
-    `CacheMemory.ratio`."""
-    outcome.rounds.setdefault(CACHE_SIZE, []).append(memory.added / MiB)
-    outcome.details.setdefault("memory", []).append(memory.details())
+def record_cache_memory(outcome: Outcome, memory: CacheMemory, target: str = "fusefs") -> float:
+    """Put one round of cache_memory into `outcome`: its details (under "memory", or
+    "memory_<target>" for the baseline), and for fusefs the cache_size added between
+    the two full points (the reference, in MiB as the fusefs number).  Returns the
+    number: the RSS growth in MiB, so that fusefs ÷ cache_size is `CacheMemory.ratio`."""
+    if target == "fusefs":
+        outcome.rounds.setdefault(CACHE_SIZE, []).append(memory.added / MiB)
+        key = "memory"
+    else:
+        key = f"memory_{target}"
+    outcome.details.setdefault(key, []).append(memory.details())
     return memory.growth / MiB
 
 
@@ -585,7 +590,8 @@ class Bench:
 
     def _target(self, workload: Workload, name: str, round_: int) -> AbstractContextManager[Target]:
         if workload.own_mount:
-            return self.fresh_fusefs(f"{workload.name}-{round_}")
+            label = f"{workload.name}-{round_}"
+            return self.fresh_fusefs(label if name == "fusefs" else f"{name}-{label}")
         return nullcontext(self.targets[name])
 
     # cache speed, a file that fits fusefs's cache, against nullfs:
@@ -627,7 +633,7 @@ class Bench:
         path = target.path(SUSTAINED_FILE)
         if not path.exists() or path.stat().st_size != size:  # seqwrite_1m did not run
             self.fio(target, SUSTAINED_FILE, "write", "1m", size, end_fsync=True)
-        fusefs = target.name == "fusefs"
+        fusefs = target.fusefs
         # nullfs keeps no data, only the size: the host's drop is all there is to do.
         dropped = drop_fusefs_caches(target.root) if fusefs else drop_host_caches()
         self.notes.append(f"cold_seqread_1m on {target.name}: {dropped}")
@@ -639,7 +645,7 @@ class Bench:
         """False (and a note) if a reference refuses O_DIRECT: it then has no number.
         fusefs is the one measured: its refusal is fio's error.  nullfs's files are
         FUSE direct_io, which take O_DIRECT; the probe makes sure."""
-        if target.name == "fusefs":
+        if target.fusefs:
             return True
         refusal = o_direct_refusal(target.root)
         if refusal is not None:
@@ -660,7 +666,7 @@ class Bench:
         path = target.path(DIRECT_FILE)
         if not path.exists() or path.stat().st_size != size:  # direct_write_1m did not run
             self.fio(target, DIRECT_FILE, "write", "1m", size, direct=True)
-        if target.name == "fusefs":
+        if target.fusefs:
             # Else the image file's blocks come from the host's page cache, which the
             # plain directory's O_DIRECT reads never see.
             self.notes.append(f"direct_read_1m on fusefs: first {drop_host_caches()}")
@@ -717,7 +723,7 @@ class Bench:
             vm_rss(pid),
             dirty,
         )
-        return record_cache_memory(outcome, memory)
+        return record_cache_memory(outcome, memory, target.name)
 
     def _fill_cache(self, root: Path, path: Path, cache_size: int) -> tuple[int, int]:
         """Fill the cache with clean pages: write twice ``cache_size`` to ``path``
@@ -854,6 +860,13 @@ def build_parser() -> argparse.ArgumentParser:
         " (mkfs, mount and umount are appended); default: this python -m fusefs.cli",
     )
     parser.add_argument(
+        "--baseline-cmd",
+        default=None,
+        metavar="CMD",
+        help="another fusefs build's command line (as --mount-cmd), measured beside this one in"
+        " every round of every workload: ratios <workload>_vs_baseline",
+    )
+    parser.add_argument(
         "--dir", type=Path, default=None, help="where to make the temporary directory ($TMPDIR)"
     )
     return parser
@@ -882,9 +895,18 @@ def describe(plan: Plan, fio_version: str) -> list[str]:
     ]
 
 
+def with_baseline(workload: Workload) -> Workload:
+    """`workload` also run on the baseline build, right after fusefs in each round."""
+    targets = (workload.targets[0], BASELINE, *workload.targets[1:])
+    return dataclasses.replace(workload, targets=targets)
+
+
 def run(args: argparse.Namespace) -> int:
     selected = [BY_NAME[n] for n in args.only] if args.only else list(WORKLOADS)
     selected.sort(key=WORKLOADS.index)
+    baseline_cli = shlex.split(args.baseline_cmd) if args.baseline_cmd else None
+    if baseline_cli is not None:
+        selected = [with_baseline(w) for w in selected]
     shared = [w for w in selected if not w.own_mount]
     needed = [t for t in TARGET_ORDER if any(t in w.targets for w in shared)]
     plan = QUICK if args.quick else FULL
@@ -909,6 +931,12 @@ def run(args: argparse.Namespace) -> int:
             if name == "fusefs":
                 mounted = fusefs_mounted(cli, work, args.fusefs_options, errors)
                 targets[name] = stack.enter_context(mounted)
+            elif name == BASELINE:
+                assert baseline_cli is not None
+                mounted = fusefs_mounted(
+                    baseline_cli, work, args.fusefs_options, errors, name=name, target=name
+                )
+                targets[name] = stack.enter_context(mounted)
             elif name == "nullfs":
                 targets[name] = stack.enter_context(nullfs_mounted(work))
             else:
@@ -916,6 +944,10 @@ def run(args: argparse.Namespace) -> int:
                 targets[name] = Target("plain", work / "plain")
 
         def fresh_fusefs(label: str) -> AbstractContextManager[Target]:
+            if label.startswith(f"{BASELINE}-") and baseline_cli is not None:
+                return fusefs_mounted(
+                    baseline_cli, work, args.fusefs_options, errors, name=label, target=BASELINE
+                )
             return fusefs_mounted(cli, work, args.fusefs_options, errors, name=f"fusefs-{label}")
 
         outcomes = Bench(targets, plan, notes, _progress, fresh_fusefs).run(selected)
@@ -929,6 +961,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         fio=fio_version,
         fusefs_options=args.fusefs_options,
+        baseline_cmd=args.baseline_cmd,
         plan=dataclasses.asdict(plan),
         notes=notes,
         errors=errors,

@@ -44,6 +44,7 @@ class BenchError(Exception):
 class Target:
     name: str
     root: Path  # the benchmark's files go here
+    fusefs: bool = False  # a fusefs mount (fusefs, or the baseline build of it)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -90,10 +91,12 @@ def fusefs_mounted(
     *,
     prepare: Callable[[Path], None] | None = None,
     name: str = "fusefs",
+    target: str = "fusefs",
 ) -> Iterator[Target]:
     """A fresh fusefs image mounted through the CLI; unmounted (and its daemon gone) after.
     ``prepare(image)`` runs between mkfs and mount (to fill the image in-process).
-    The image is ``work/NAME.img``, the mount point ``work/mnt-NAME``."""
+    The image is ``work/NAME.img``, the mount point ``work/mnt-NAME``; ``target`` is
+    the Target's name (``baseline`` for another build compared with this one)."""
     image = work / f"{name}.img"
     mountpoint = work / f"mnt-{name}"
     mountpoint.mkdir()
@@ -107,7 +110,7 @@ def fusefs_mounted(
         _run_command(mount, "fusefs mount", MOUNT_TIMEOUT)
         if not os.path.ismount(mountpoint):
             raise BenchError(f"fusefs mount returned, but {mountpoint} is not a mount point")
-        yield Target("fusefs", mountpoint)
+        yield Target(target, mountpoint, fusefs=True)
     finally:
         fusefs_umount(cli, image, mountpoint, errors)
 

@@ -26,6 +26,7 @@ from benchmarks.bench_io import (
     record_cache_memory,
     round_ratios,
     summarize,
+    with_baseline,
 )
 from benchmarks.targets import Target
 
@@ -328,3 +329,20 @@ def test_the_table_shows_each_goal_on_the_row_it_is_judged_on(
     assert "≤ 1.10" in rows["cache_memory"]
     assert "cache_size 64.0 MiB" in rows["cache_memory"]
     assert "yes" in rows["cache_memory"]
+
+
+def test_a_baseline_build_runs_beside_fusefs_and_gets_its_own_ratio() -> None:
+    w = with_baseline(BY_NAME["seqwrite_1m"])
+    assert w.targets == ("fusefs", "baseline", "plain", "nullfs")
+    assert w.references == ("plain", "baseline", "nullfs")
+    assert w.ratio_key("baseline") == "seqwrite_1m_vs_baseline"
+    outcome = Outcome(w, values={"fusefs": 900.0, "baseline": 600.0, "plain": 1000.0})
+    result = summarize([outcome])
+    assert result["ratios"]["seqwrite_1m_vs_baseline"] == 1.5
+    assert result["ratios"]["seqwrite_1m"] == 0.9
+    # The memory row: the baseline's rounds keep out of cache_size's (fusefs's reference).
+    mem = Outcome(with_baseline(BY_NAME["cache_memory"]))
+    record_cache_memory(mem, memory(36, 211.2))
+    assert record_cache_memory(mem, memory(36, 230.4), "baseline") == pytest.approx(230.4)
+    assert mem.rounds == {"cache_size": [192.0]}
+    assert len(mem.details["memory"]) == len(mem.details["memory_baseline"]) == 1
