@@ -152,6 +152,7 @@ class Handle:
     flags: int
     uid: int = 0  # who opened it: writes through it by anyone but root clear set-id bits
     readahead: ReadaheadState = field(default_factory=ReadaheadState)
+    direct_ahead: direct.DirectReadahead | None = None  # made by the first direct read
 
     @property
     def direct(self) -> bool:
@@ -631,7 +632,10 @@ class Filesystem:
                         f"direct read of inode {inode.ino}: writeback of the range failed",
                         errno=code,
                     )
-            return await direct.read_range(self.dev, inode.extents, inode.size, offset, size)
+            ahead = handle.direct_ahead
+            if ahead is None:
+                ahead = handle.direct_ahead = direct.DirectReadahead()
+            return await direct.read_range(self.dev, inode.extents, inode.size, offset, size, ahead)
 
     async def _direct_write(self, handle: Handle, offset: int, data: bytes) -> int:
         inode = handle.inode
