@@ -35,7 +35,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, final
+from typing import Any, NamedTuple, final
 
 import trio
 
@@ -70,8 +70,11 @@ NOW: Any = object()
 """Sentinel for `Filesystem.setattr` times: the current time."""
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
+class Attr(NamedTuple):
+    """An inode's attributes, as ``stat`` shows them: made for every lookup,
+    getattr and create, so a tuple (a frozen dataclass costs three times as much
+    to build)."""
+
     ino: int
     mode: int
     nlink: int
@@ -418,6 +421,14 @@ class Filesystem:
         inode.lookups += 1
         return self.attr(inode)
 
+    async def find(self, parent: int, name: bytes) -> Attr | None:
+        """`lookup`, but None for a missing name (`Namespace.find`)."""
+        inode = self.ns.find(parent, name)
+        if inode is None:
+            return None
+        inode.lookups += 1
+        return self.attr(inode)
+
     async def getattr(self, ino: int) -> Attr:
         return self.attr(self.ns.get(ino))
 
@@ -536,8 +547,9 @@ class Filesystem:
                 self.cache.forget_mapping(inode)
         else:
             self.cache.forget_mapping(inode)
-        for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
-            self.alloc.free(pblk, n)
+        if inode.extents.mapped_blocks():  # an empty file has nothing to free
+            for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
+                self.alloc.free(pblk, n)
 
     # files:
 
