@@ -35,7 +35,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, final
+from typing import Any, NamedTuple, final
 
 import trio
 
@@ -70,8 +70,11 @@ NOW: Any = object()
 """Sentinel for `Filesystem.setattr` times: the current time."""
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
+class Attr(NamedTuple):
+    """An inode's attributes, as ``stat`` shows them: made for every lookup,
+    getattr and create, so a tuple (a frozen dataclass costs three times as much
+    to build)."""
+
     ino: int
     mode: int
     nlink: int
@@ -152,6 +155,7 @@ class Handle:
     flags: int
     uid: int = 0  # who opened it: writes through it by anyone but root clear set-id bits
     readahead: ReadaheadState = field(default_factory=ReadaheadState)
+    direct_ahead: direct.DirectReadahead | None = None  # made by the first direct read
 
     @property
     def direct(self) -> bool:
@@ -417,6 +421,14 @@ class Filesystem:
         inode.lookups += 1
         return self.attr(inode)
 
+    async def find(self, parent: int, name: bytes) -> Attr | None:
+        """`lookup`, but None for a missing name (`Namespace.find`)."""
+        inode = self.ns.find(parent, name)
+        if inode is None:
+            return None
+        inode.lookups += 1
+        return self.attr(inode)
+
     async def getattr(self, ino: int) -> Attr:
         return self.attr(self.ns.get(ino))
 
@@ -535,8 +547,9 @@ class Filesystem:
                 self.cache.forget_mapping(inode)
         else:
             self.cache.forget_mapping(inode)
-        for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
-            self.alloc.free(pblk, n)
+        if inode.extents.mapped_blocks():  # an empty file has nothing to free
+            for pblk, n in inode.extents.unmap(0, MAX_FILE_BLOCKS):
+                self.alloc.free(pblk, n)
 
     # files:
 
@@ -631,7 +644,10 @@ class Filesystem:
                         f"direct read of inode {inode.ino}: writeback of the range failed",
                         errno=code,
                     )
-            return await direct.read_range(self.dev, inode.extents, inode.size, offset, size)
+            ahead = handle.direct_ahead
+            if ahead is None:
+                ahead = handle.direct_ahead = direct.DirectReadahead()
+            return await direct.read_range(self.dev, inode.extents, inode.size, offset, size, ahead)
 
     async def _direct_write(self, handle: Handle, offset: int, data: bytes) -> int:
         inode = handle.inode

@@ -124,6 +124,21 @@ def entry_attributes(attr: Attr, timeout: float = CACHE_TIMEOUT) -> pyfuse3.Entr
     return entry
 
 
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = 0
+    return entry
+
+
+# The answer to a lookup of a name that does not exist: inode number 0 is FUSE's
+# negative entry, the same to the kernel as ENOENT -- with a timeout of 0 it
+# caches nothing -- and cheaper to make than an exception through the error
+# boundary, on the lookup that precedes every create.  pyfuse3 copies it into
+# the reply, so one object serves every miss.
+_NO_ENTRY: Final = _negative_entry()
+
+
 def _file_info(fh: int) -> pyfuse3.FileInfo:
     # DESIGN §2: the kernel must not cache file data; O_DIRECT stays in the flags.
     return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
@@ -234,7 +249,10 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if self.control.owns(parent_inode) or self.control.is_entry(parent_inode, name):
             return entry_attributes(await self.control.lookup(parent_inode, name))
-        return entry_attributes(await self.fs.lookup(parent_inode, name))
+        attr = await self.fs.find(parent_inode, name)
+        if attr is None:
+            return _NO_ENTRY
+        return entry_attributes(attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Must not raise at all: there is no request to fail.

@@ -69,40 +69,81 @@ STORED: Final = frozenset(
 )
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, init=False)
 class Inode:
     ino: int
     mode: int
     uid: int
     gid: int
     nlink: int
-    size: int = 0
-    atime_ns: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    rdev: int = 0
-    generation: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    generation: int
+    xattrs: dict[bytes, bytes]
     # directories:
-    entries: Directory | None = None
-    parent: int = 0
+    entries: Directory | None
+    parent: int
     # symlinks:
-    target: bytes = b""
+    target: bytes
     # regular files:
-    extents: ExtentMap | None = None
+    extents: ExtentMap | None
     # run time only, never stored:
-    open_count: int = 0
-    lookups: int = 0
-    _lock: InodeLock | None = field(default=None, repr=False)
-    track: Tracker | None = field(default=None, repr=False)
+    open_count: int
+    lookups: int
+    _lock: InodeLock | None = field(repr=False)
+    track: Tracker | None = field(repr=False)
+
+    def __init__(
+        self,
+        ino: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        nlink: int,
+        size: int = 0,
+        atime_ns: int = 0,
+        mtime_ns: int = 0,
+        ctime_ns: int = 0,
+        rdev: int = 0,
+        generation: int = 0,
+        xattrs: dict[bytes, bytes] | None = None,
+        entries: Directory | None = None,
+        parent: int = 0,
+        target: bytes = b"",
+        extents: ExtentMap | None = None,
+    ) -> None:
+        # Not through `__setattr__`: a new inode has no tracker (the namespace
+        # that adopts it journals it whole), and twenty Python-level calls, each
+        # failing to read the unset ``track`` slot, cost 10 us a create.
+        put = object.__setattr__
+        put(self, "ino", ino)
+        put(self, "mode", mode)
+        put(self, "uid", uid)
+        put(self, "gid", gid)
+        put(self, "nlink", nlink)
+        put(self, "size", size)
+        put(self, "atime_ns", atime_ns)
+        put(self, "mtime_ns", mtime_ns)
+        put(self, "ctime_ns", ctime_ns)
+        put(self, "rdev", rdev)
+        put(self, "generation", generation)
+        put(self, "xattrs", {} if xattrs is None else xattrs)
+        put(self, "entries", entries)
+        put(self, "parent", parent)
+        put(self, "target", target)
+        put(self, "extents", extents)
+        put(self, "open_count", 0)
+        put(self, "lookups", 0)
+        put(self, "_lock", None)
+        put(self, "track", None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         if name in STORED:
-            try:
-                track = self.track
-            except AttributeError:  # still in __init__
-                return
+            track = self.track
             if track is not None:
                 track.inodes.add(self.ino)
 
@@ -149,13 +190,19 @@ class Inode:
         return True
 
     def touch(self, *, m: bool = False, c: bool = True, a: bool = False) -> None:
+        # Every create and unlink touches its directory: the times go straight
+        # into the slots and the inode to the journal once, not per field.
         t = now_ns()
+        put = object.__setattr__
         if m:
-            self.mtime_ns = t
+            put(self, "mtime_ns", t)
         if c:
-            self.ctime_ns = t
+            put(self, "ctime_ns", t)
         if a:
-            self.atime_ns = t
+            put(self, "atime_ns", t)
+        track = self.track
+        if track is not None and (m or c or a):
+            track.inodes.add(self.ino)
 
     # checkpoint encoding:
 
@@ -191,30 +238,28 @@ class Inode:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Inode:
         """The inode of a checkpoint or journal record (untracked: the namespace
-        adopts it).  Built without `__setattr__`, which mount pays per field.
+        adopts it), as `__init__` builds one: without `__setattr__`, which
+        mount would pay per field.
 
         Raises ValueError, TypeError, KeyError or AttributeError when the record
         is not one that fusefs writes: a field of the wrong type or out of its
         range, an unknown file type, an xattr no setxattr could have made (the
         loader turns them into `Corrupt`)."""
-        inode = cls.__new__(cls)
-        put = object.__setattr__
         mode = _field(rec, "mode", 0, 1 << 32)
         if stat.S_IFMT(mode) not in _FILE_TYPES:
             raise ValueError(f"mode {mode:o}: unknown file type")
-        put(inode, "ino", _field(rec, "ino", 1, INO_LIMIT))
-        put(inode, "mode", mode)
-        put(inode, "uid", _field(rec, "uid", 0, 1 << 32))
-        put(inode, "gid", _field(rec, "gid", 0, 1 << 32))
-        put(inode, "nlink", _field(rec, "nlink", 0, 1 << 32))
-        put(inode, "size", _field(rec, "size", 0, 1 << 63))
-        put(inode, "atime_ns", _field(rec, "atime", -(1 << 63), 1 << 63))
-        put(inode, "mtime_ns", _field(rec, "mtime", -(1 << 63), 1 << 63))
-        put(inode, "ctime_ns", _field(rec, "ctime", -(1 << 63), 1 << 63))
-        put(inode, "rdev", _field(rec, "rdev", 0, 1 << 64, 0))
-        put(inode, "generation", _field(rec, "gen", 0, 1 << 64, 0))
-        xattrs = rec.get("xattrs")
-        put(inode, "xattrs", _xattrs(xattrs) if xattrs else {})
+        ino = _field(rec, "ino", 1, INO_LIMIT)
+        uid = _field(rec, "uid", 0, 1 << 32)
+        gid = _field(rec, "gid", 0, 1 << 32)
+        nlink = _field(rec, "nlink", 0, 1 << 32)
+        size = _field(rec, "size", 0, 1 << 63)
+        atime_ns = _field(rec, "atime", -(1 << 63), 1 << 63)
+        mtime_ns = _field(rec, "mtime", -(1 << 63), 1 << 63)
+        ctime_ns = _field(rec, "ctime", -(1 << 63), 1 << 63)
+        rdev = _field(rec, "rdev", 0, 1 << 64, 0)
+        generation = _field(rec, "gen", 0, 1 << 64, 0)
+        stored_xattrs = rec.get("xattrs")
+        xattrs = _xattrs(stored_xattrs) if stored_xattrs else {}
         entries = None
         parent = 0
         target = b""
@@ -229,15 +274,24 @@ class Inode:
         elif stat.S_ISREG(mode):
             runs = [(int(a), int(b), int(c), bool(d)) for a, b, c, d in rec.get("extents", ())]
             extents = ExtentMap.from_runs(runs)
-        put(inode, "entries", entries)
-        put(inode, "parent", parent)
-        put(inode, "target", target)
-        put(inode, "extents", extents)
-        put(inode, "open_count", 0)
-        put(inode, "lookups", 0)
-        put(inode, "_lock", None)
-        put(inode, "track", None)
-        return inode
+        return cls(
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            size,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+            rdev,
+            generation,
+            xattrs,
+            entries,
+            parent,
+            target,
+            extents,
+        )
 
 
 #: The file types fusefs makes (mknod makes the device, fifo and socket nodes).

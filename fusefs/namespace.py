@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fusefs.dirents import Directory
 from fusefs.errors import (
@@ -48,8 +48,7 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Unlinked:
+class Unlinked(NamedTuple):
     """What an unlink or a replacing rename left behind."""
 
     inode: Inode
@@ -104,7 +103,20 @@ class Namespace:
         return inode
 
     def lookup(self, parent: int, name: bytes) -> Inode:
-        d = self.dir(parent)
+        return self._lookup_in(self.dir(parent), name)
+
+    def _lookup_in(self, d: Inode, name: bytes) -> Inode:
+        inode = self._find_in(d, name)
+        if inode is None:
+            raise NotFound(f"no entry {name!r} in directory {d.ino}")
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup`, but None for a name that is not there: the lookup before
+        every create misses, and an exception would cost it a third."""
+        return self._find_in(self.dir(parent), name)
+
+    def _find_in(self, d: Inode, name: bytes) -> Inode | None:
         if name == b".":
             return d
         if name == b"..":
@@ -113,9 +125,7 @@ class Namespace:
             raise NameTooLong(f"name of {len(name)} bytes (max {NAME_MAX})")
         assert d.entries is not None
         ino = d.entries.get(name)
-        if ino is None:
-            raise NotFound(f"no entry {name!r} in directory {parent}")
-        return self.get(ino)
+        return None if ino is None else self.get(ino)
 
     def iter_inodes(self) -> Iterator[Inode]:
         return iter(self.inodes.values())
@@ -126,23 +136,21 @@ class Namespace:
         ino = self.next_ino
         self.next_ino += 1
         t = now_ns()
+        is_dir = stat.S_ISDIR(mode)
         inode = Inode(
             ino=ino,
             mode=mode,
             uid=uid,
             gid=gid,
-            nlink=1,
+            nlink=2 if is_dir else 1,
             atime_ns=t,
             mtime_ns=t,
             ctime_ns=t,
             rdev=rdev,
             generation=1,
+            entries=Directory() if is_dir else None,
+            extents=ExtentMap() if stat.S_ISREG(mode) else None,
         )
-        if stat.S_ISDIR(mode):
-            inode.entries = Directory()
-            inode.nlink = 2
-        elif stat.S_ISREG(mode):
-            inode.extents = ExtentMap()
         self.inodes[ino] = inode
         self.track.new(inode)
         return inode
@@ -220,7 +228,7 @@ class Namespace:
 
     def unlink(self, parent: int, name: bytes) -> Unlinked:
         d = self.dir(parent)
-        inode = self.lookup(parent, name)
+        inode = self._lookup_in(d, name)
         if inode.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
         assert d.entries is not None
@@ -235,7 +243,7 @@ class Namespace:
         if name == b"..":
             raise NotEmpty("rmdir of '..'")
         d = self.dir(parent)
-        inode = self.lookup(parent, name)
+        inode = self._lookup_in(d, name)
         if not inode.is_dir:
             raise NotADirectory(f"{name!r} is not a directory")
         if inode.entries:

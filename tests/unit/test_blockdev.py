@@ -1,4 +1,5 @@
-"""BlockDevice.read_into: the fill path's preadv straight into page buffers."""
+"""BlockDevice.read_into (the fill path's preadv straight into page buffers), read_runs
+(direct reads gathered into one buffer) and the prefetch hint."""
 
 from __future__ import annotations
 
@@ -60,8 +61,35 @@ def test_read_into_sees_unflushed_writes_under_the_power_cut_simulator(
         bufs = [bytearray(BS), bytearray(BS)]
         dev.read_into_sync(20, bufs)
         assert bufs == [bytearray(b"a" * BS), bytearray(b"b" * BS)]
+        run = bytearray(2 * BS)
+        dev.read_runs_sync([(20, memoryview(run))])
+        assert run == b"a" * BS + b"b" * BS
     finally:
         dev.close()
+
+
+def test_read_runs_reads_each_run_into_its_view(dev: BlockDevice) -> None:
+    buf = bytearray(3 * BS)
+    view = memoryview(buf)
+    with pytest.raises(InvalidArgument, match="partial block"):
+        dev.read_runs_sync([(10, view[: BS + 1])])
+    with pytest.raises(InvalidArgument, match="outside the device"):
+        dev.read_runs_sync([(dev.blocks - 1, view[: 2 * BS])])
+    data = os.urandom(3 * BS)
+    dev.write_sync(10, data[:BS])
+    dev.write_sync(20, data[BS:])
+    before = dev.statistics()
+    dev.read_runs_sync([(10, view[:BS]), (20, view[BS:])])
+    assert buf == data
+    after = dev.statistics()
+    assert (after.reads - before.reads, after.bytes_read - before.bytes_read) == (2, 3 * BS)
+    dev.close()
+
+
+def test_prefetch_is_a_hint_that_skips_runs_outside_the_device(dev: BlockDevice) -> None:
+    dev.prefetch_sync([(dev.blocks - 1, 2), (-1, 1), (5, 0), (0, 4)])
+    assert dev.statistics().reads == 0  # counts no read: nothing comes back
+    dev.close()
 
 
 def test_read_into_errors(dev: BlockDevice) -> None:

@@ -89,8 +89,20 @@ async def test_create_open_read_write_attributes(ops: FuseOperations) -> None:
     await ops.release(fi.fh)
 
 
+async def test_a_missing_name_is_a_negative_entry_the_kernel_does_not_cache(
+    ops: FuseOperations,
+) -> None:
+    # Inode number 0 is FUSE's negative entry: ENOENT to the caller of open()/stat().
+    missing = await ops.lookup(ROOT_INO, b"missing", CTX)
+    assert (missing.st_ino, missing.entry_timeout) == (0, 0)
+    assert await fuse_errno(ops.lookup(ROOT_INO, b"n" * 256, CTX)) == errno.ENAMETOOLONG
+    ino = await create(ops, b"f")
+    assert await fuse_errno(ops.lookup(ino, b"x", CTX)) == errno.ENOTDIR
+    assert ops.fs.ns.get(ino).lookups == 1  # the create's; the misses took none
+    await ops.forget([(ino, 1)])
+
+
 async def test_core_errors_become_their_errno(ops: FuseOperations) -> None:
-    assert await fuse_errno(ops.lookup(ROOT_INO, b"missing", CTX)) == errno.ENOENT
     await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)
     assert await fuse_errno(ops.mkdir(ROOT_INO, b"d", 0o755, CTX)) == errno.EEXIST
     assert await fuse_errno(ops.mkdir(ROOT_INO, b"n" * 256, 0o755, CTX)) == errno.ENAMETOOLONG

@@ -30,6 +30,7 @@ from fusefs.format import (
     mkfs,
 )
 from fusefs.fsck import fsck
+from fusefs.inode import Inode
 from fusefs.namespace import ROOT_INO
 
 from .conftest import assert_fsck_clean
@@ -369,7 +370,8 @@ async def test_fsck_repair_writes_a_full_checkpoint_and_empties_the_journal(imag
 
 
 async def test_records_round_trip_every_field(fs: Filesystem) -> None:
-    """`Inode.from_record` sets every slot (it bypasses the dataclass __init__)."""
+    """`Inode.from_record` sets every slot (`Inode.__init__` fills them all, without
+    the journaling `__setattr__`)."""
     import dataclasses
 
     d = await fs.mkdir(ROOT_INO, b"d", 0o750, UID, GID)
@@ -385,6 +387,29 @@ async def test_records_round_trip_every_field(fs: Filesystem) -> None:
         assert back.to_record() == inode.to_record()
         assert back.track is None
         assert back.open_count == 0
+
+
+async def test_the_journal_sees_changes_of_stored_fields_once_adopted(fs: Filesystem) -> None:
+    track = fs.ns.track
+    await fs.commit()
+    loose = Inode(ino=10**6, mode=0o100644, uid=0, gid=0, nlink=1)
+    loose.size = 5  # no tracker yet: nothing to record
+    assert loose.track is None
+    ino = await make(fs, b"f")
+    assert ino in track.inodes  # created: journaled whole
+    await fs.commit()
+    inode = fs.ns.inodes[ino]
+    inode.lookups += 1  # run time only
+    assert not track.inodes
+    inode.touch(c=False)  # no time asked for: no change
+    assert not track.inodes
+    inode.touch(m=True)
+    assert track.inodes == {ino}
+    await fs.commit()
+    inode.uid = 7
+    assert track.inodes == {ino}
+    assert fs.ns.find(ROOT_INO, b"missing") is None
+    assert fs.ns.find(ROOT_INO, b"f") is inode
 
 
 async def test_after_a_remount_a_commit_still_writes_only_what_changed(image: Path) -> None:
