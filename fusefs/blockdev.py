@@ -177,26 +177,10 @@ class BlockDevice:
 
     def read_runs_sync(self, runs: Sequence[tuple[int, memoryview]]) -> None:
         """Read each ``(pblk, view)`` -- ``view`` a whole number of blocks long --
-        straight into ``view``: one ``preadv`` a run, no copy (direct reads
-        gathering a fragmented range into one buffer)."""
-        bs = self.block_size
+        straight into ``view`` (`read_into_sync`): one ``preadv`` a run, no copy
+        (direct reads gathering a fragmented range into one buffer)."""
         for pblk, view in runs:
-            count, partial = divmod(len(view), bs)
-            if partial:
-                raise InvalidArgument("blockdev: read of a partial block")
-            self._before_read(pblk, count)
-            try:
-                if self.powercut is None:
-                    done = os.preadv(self._fd, [view], pblk * bs)
-                else:
-                    data = self._pread(self._fd, len(view), pblk * bs)
-                    done = len(data)
-                    view[:done] = data
-            except OSError as e:
-                raise IOFailure(f"blockdev: read of block {pblk}: {e.strerror}") from e
-            if done != len(view):
-                raise IOFailure(f"blockdev: short read at block {pblk}")
-            self._count_read(done)
+            self.read_into_sync(pblk, [view])
 
     def prefetch_sync(self, runs: Sequence[tuple[int, int]]) -> None:
         """Ask the host to start reading the ``(pblk, count)`` runs into its page
@@ -226,19 +210,14 @@ class BlockDevice:
         """Read consecutive blocks at ``pblk`` straight into the buffers (whole
         blocks each): one ``preadv``, no copy -- how fills land in pages."""
         want = sum(len(b) for b in buffers)
-        count = want // self.block_size
+        count, partial = divmod(want, self.block_size)
+        if partial:
+            raise InvalidArgument("blockdev: read of a partial block")
         self._before_read(pblk, count)
         offset = pblk * self.block_size
         try:
             if self.powercut is None:
-                done = 0
-                # preadv takes at most IOV_MAX buffers a call.
-                for i in range(0, len(buffers), IOV_MAX):
-                    part = buffers[i : i + IOV_MAX]
-                    got = os.preadv(self._fd, part, offset + done)
-                    done += got
-                    if got != sum(len(b) for b in part):
-                        break
+                done = _vectored(os.preadv, self._fd, buffers, offset)
             else:
                 data = self._pread(self._fd, want, offset)
                 done = len(data)
@@ -275,13 +254,7 @@ class BlockDevice:
             if len(parts) == 1:
                 done = self._pwrite(self._fd, parts[0], offset)
             else:
-                done = 0
-                for i in range(0, len(parts), IOV_MAX):
-                    chunk = parts[i : i + IOV_MAX]
-                    got = os.pwritev(self._fd, chunk, offset + done)
-                    done += got
-                    if got != sum(len(part) for part in chunk):
-                        break
+                done = _vectored(os.pwritev, self._fd, parts, offset)
         except OSError as e:
             raise IOFailure(f"blockdev: write of block {pblk}: {e.strerror}") from e
         if done != size:
@@ -354,6 +327,24 @@ class BlockDevice:
     async def flush(self) -> None:
         """Make every write issued so far durable."""
         await trio.to_thread.run_sync(self.flush_sync, limiter=self._limiter)
+
+
+def _vectored(
+    call: Callable[[int, Sequence[Buffer], int], int],
+    fd: int,
+    buffers: Sequence[Buffer],
+    offset: int,
+) -> int:
+    """``preadv`` or ``pwritev`` of ``buffers`` at ``offset``, at most IOV_MAX
+    buffers a call; returns the bytes done (short at the first short call)."""
+    done = 0
+    for i in range(0, len(buffers), IOV_MAX):
+        part = buffers[i : i + IOV_MAX]
+        got = call(fd, part, offset + done)
+        done += got
+        if got != sum(len(b) for b in part):
+            break
+    return done
 
 
 def _scramble(data: bytes | bytearray | memoryview, block_size: int) -> bytes:

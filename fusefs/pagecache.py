@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 UNALLOCATED: Final = 0
 RESERVED: Final = 1
 ALLOCATED: Final = 2
-SPACE_NAMES: Final = {UNALLOCATED: "unallocated", RESERVED: "reserved", ALLOCATED: "allocated"}
 
 DEFAULT_CACHE_SIZE: Final = 64 << 20
 MIN_CACHE_SIZE: Final = 1 << 20
@@ -564,7 +563,7 @@ class PageCache:
                     added.append(page)
                     resident.append(page)
                     continue
-                for single in self._split_copy(page, page.index, page.end, limit=1):
+                for single in self.copy_blocks(page, page.index, page.end, limit=1):
                     existing = index.get(single.index)
                     if existing is None:
                         self._store(single)
@@ -697,7 +696,7 @@ class PageCache:
         self.counters["evictions"] += done
         return done
 
-    def _split_copy(self, page: Page, first: int, end: int, *, limit: int) -> list[Page]:
+    def copy_blocks(self, page: Page, first: int, end: int, *, limit: int) -> list[Page]:
         """New pages holding blocks [first, end) of ``page`` (`pieces` of at
         most ``limit`` blocks), with their bytes and per-block state; ``page``
         is not changed.  One hit of the memory fault site ``pagecache_split``
@@ -716,7 +715,7 @@ class PageCache:
         return out
 
     def _replace(self, page: Page, parts: list[Page]) -> None:
-        """Put ``parts`` (from `_split_copy`, their dirty and reserved blocks
+        """Put ``parts`` (from `copy_blocks`, their dirty and reserved blocks
         moved over) in place of ``page``, which goes.  Blocks of ``page`` no
         part covers are dropped with their dirty and reserved state."""
         m = page.mapping
@@ -767,9 +766,9 @@ class PageCache:
             if page.index < first or page.end > stop:
                 parts: list[Page] = []
                 if page.index < first:
-                    parts += self._split_copy(page, page.index, first, limit=page.nblocks)
+                    parts += self.copy_blocks(page, page.index, first, limit=page.nblocks)
                 if page.end > stop:
-                    parts += self._split_copy(page, stop, page.end, limit=page.nblocks)
+                    parts += self.copy_blocks(page, stop, page.end, limit=page.nblocks)
                 splits.append((page, parts))
         dropped = 0
         split_pages = {id(page): parts for page, parts in splits}

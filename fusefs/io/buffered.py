@@ -118,17 +118,17 @@ def _insert_fresh(
     result still covers the whole range, the stale blocks by pages the reader
     may use (its read overlapped) but the cache never holds."""
     cache = fs.cache
-    pieces_: list[Page] = []
+    parts: list[Page] = []
     for page in pages:
         if any(page.index <= i < page.end for i in stale):
-            pieces_ += cache._split_copy(page, page.index, page.end, limit=1)
+            parts += cache.copy_blocks(page, page.index, page.end, limit=1)
         else:
-            pieces_.append(page)
-    kept = [p for p in pieces_ if p.nblocks > 1 or p.index not in stale]
+            parts.append(page)
+    kept = [p for p in parts if p.nblocks > 1 or p.index not in stale]
     inserted = iter(cache.insert_filled(mapping, kept, keep=for_write))
     resident: list[Page] = []
     current: Page | None = None
-    for page in pieces_:
+    for page in parts:
         if page.nblocks == 1 and page.index in stale:
             cache.counters["fill_stale"] += 1
             if readahead_pages:

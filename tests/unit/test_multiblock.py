@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -21,6 +22,25 @@ from fusefs.io.fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from fusefs.pagecache import ALLOCATED, MAX_PAGE_BLOCKS, RESERVED, pieces
 
 from .test_pagecache import BS, check, create, mapping_of, pattern, readahead_settled, running
+
+
+@asynccontextmanager
+async def fsync_held_at_map(fs: Filesystem, fh: int) -> AsyncIterator[None]:
+    """An fsync of ``fh`` in the background, its writeback held after the
+    device write (``writeback_before_map``) while the body runs."""
+    REGISTRY.control("name writeback_before_map delay 200 times 1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.fsync, fh, False)
+        await wait_all_tasks_blocked()
+        yield
+
+
+async def assert_reads_back(fs: Filesystem, fh: int, data: bytes | bytearray) -> None:
+    """Written back and dropped, the file reads ``data``; the cache's accounting holds."""
+    await fs.fsync(fh, False)
+    await fs.drop_caches()
+    assert await fs.read(fh, 0, len(data)) == data
+    check(fs)
 
 
 def layout(fs: Filesystem, ino: int) -> list[tuple[int, int]]:
@@ -105,9 +125,7 @@ async def test_writeback_writes_only_the_dirty_blocks_of_a_page(fs: Filesystem) 
     assert after.writeback_pages - before.writeback_pages == 2
     assert after.writeback_runs - before.writeback_runs == 2
     assert page.dirty == 0
-    await fs.drop_caches()
-    assert await fs.read(fh, 0, 64 * BS) == data
-    check(fs)
+    await assert_reads_back(fs, fh, data)
     await fs.release(fh)
 
 
@@ -116,10 +134,7 @@ async def test_a_write_during_writeback_redirties_only_its_block(fs: Filesystem)
     data = bytearray(pattern(64 * BS, 3))
     await fs.write(fh, 0, bytes(data))
     page = mapping_of(fs, ino).pages[0]
-    REGISTRY.control("name writeback_before_map delay 200 times 1")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.fsync, fh, False)
-        await wait_all_tasks_blocked()
+    async with fsync_held_at_map(fs, fh):
         assert page.writeback == (1 << 64) - 1
         old = page.data
         assert await fs.write(fh, 3 * BS, b"n" * BS) == BS
@@ -133,9 +148,7 @@ async def test_a_write_during_writeback_redirties_only_its_block(fs: Filesystem)
         check(fs)
     # fsync waited for the first writeback, then wrote the block again.
     assert page.dirty == page.writeback == 0
-    check(fs)
-    await fs.drop_caches()
-    assert await fs.read(fh, 0, 64 * BS) == data
+    await assert_reads_back(fs, fh, data)
     await fs.release(fh)
 
 
@@ -148,20 +161,14 @@ async def test_a_write_beside_the_blocks_under_writeback_does_not_copy(fs: Files
     await fs.fsync(fh, False)
     page = mapping_of(fs, ino).pages[0]
     assert await fs.write(fh, 5 * BS, b"a" * BS) == BS
-    REGISTRY.control("name writeback_before_map delay 200 times 1")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.fsync, fh, False)
-        await wait_all_tasks_blocked()
+    async with fsync_held_at_map(fs, fh):
         assert page.writeback == 1 << 5
         buffer = page.data
         assert await fs.write(fh, 9 * BS, b"b" * BS) == BS
         assert page.data is buffer
     data[5 * BS : 6 * BS] = b"a" * BS
     data[9 * BS : 10 * BS] = b"b" * BS
-    await fs.fsync(fh, False)
-    await fs.drop_caches()
-    assert await fs.read(fh, 0, 64 * BS) == data
-    check(fs)
+    await assert_reads_back(fs, fh, data)
     await fs.release(fh)
 
 
@@ -181,10 +188,7 @@ async def test_truncate_into_a_dirty_page_keeps_the_blocks_before_it(fs: Filesys
     assert m.pages[10].space_at(10) == ALLOCATED
     assert not m.pages[10].dirty
     assert fs.cache.statistics().splits == 1
-    check(fs)
-    await fs.fsync(fh, False)
-    await fs.drop_caches()
-    assert await fs.read(fh, 0, 64 * BS) == data[:size]
+    await assert_reads_back(fs, fh, data[:size])
     # The tail of block 10 past EOF reads as zeros once the file grows again.
     await fs.truncate(fs.ns.get(ino), 11 * BS)
     assert await fs.read(fh, 0, 11 * BS) == data[:size] + bytes(BS - 100)
@@ -205,9 +209,7 @@ async def test_punching_a_hole_in_a_clean_page_splits_it(fs: Filesystem) -> None
     assert layout(fs, ino) == [(0, 16), (16, 4), (30, 2), (32, 32)]
     want = data[: 20 * BS] + bytes(10 * BS) + data[30 * BS :]
     assert await fs.read(fh, 0, 64 * BS) == want
-    check(fs)
-    await fs.drop_caches()
-    assert await fs.read(fh, 0, 64 * BS) == want
+    await assert_reads_back(fs, fh, want)
     await fs.release(fh)
 
 
